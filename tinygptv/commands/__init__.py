@@ -1,0 +1,1 @@
+"""Sub-commands of the ``tinygptv`` CLI, one module each (see :mod:`tinygptv.cli`)."""

@@ -1,0 +1,1 @@
+"""Data: prompt encoding, templates, image processing, dataset readers and the synthetic world."""

@@ -1,0 +1,322 @@
+"""TinyGPT-V: image -> frozen ViT -> frozen Q-Former -> two projections -> spliced into the LM.
+
+Paper section 3.1 and Figure 2; exact shapes in ORIGINAL-NOTES. The image's 32 query outputs
+become 32 soft-prompt embeddings that replace the slots of each ``<ImageHere>`` in the text.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TinyGPTVConfig, get_preset
+from ..data.encoding import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_ID,
+    collate,
+    encode_prompt,
+)
+from .language import build_language_model, lora_target_regex
+from .qformer import QFormer
+from .vision import VisionEncoder
+
+
+@dataclass
+class TinyGPTVOutput:
+    """What :meth:`TinyGPTV.forward` returns."""
+
+    logits: torch.Tensor
+    """(B, T, vocab) next-token logits."""
+    loss: torch.Tensor | None = None
+    """Mean cross-entropy over all target tokens of the batch (None without labels)."""
+    per_sample_loss: torch.Tensor | None = None
+    """(B,) mean cross-entropy over each sample's own target tokens (NaN for a sample with none)."""
+
+
+class TinyGPTV(nn.Module):
+    """The TinyGPT-V model.
+
+    Build a random-weight model from a config or preset name with ``TinyGPTV(config)``; under
+    ``with torch.device("meta"):`` nothing is allocated, which is how real-size models are built
+    before their weights are loaded.
+    """
+
+    def __init__(self, config: TinyGPTVConfig | str, tokenizer=None):
+        super().__init__()
+        if isinstance(config, str):
+            config = get_preset(config)
+        self.config = config
+        self.tokenizer = tokenizer
+        init = config.initializer_range
+        # 1. frozen vision encoder + ln_vision, frozen Q-Former + query tokens
+        self.vision = VisionEncoder(config.vision, init)
+        self.qformer = QFormer(config.qformer, config.vision.hidden_size, init)
+        # 2. the two trainable projections: Q-Former width -> 4096 (MiniGPT-4's space) -> LM width
+        self.vision_proj = nn.Linear(config.qformer.hidden_size, config.projection_hidden_size)
+        self.lm_proj = nn.Linear(config.projection_hidden_size, config.language.hidden_size)
+        for proj in (self.vision_proj, self.lm_proj):
+            nn.init.normal_(proj.weight, std=init)
+            nn.init.zeros_(proj.bias)
+        # 3. the language model with TinyGPT-V's norms, then LoRA on its attention (peft)
+        self.language_model = self._with_lora(build_language_model(config.language, init))
+
+    def _with_lora(self, lm: nn.Module) -> nn.Module:
+        lora = self.config.lora
+        if not lora.enabled:
+            return lm
+        from peft import LoraConfig, get_peft_model
+
+        peft_config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora_target_regex(self.config.language, lora.target_modules),
+            bias="none",
+        )
+        with warnings.catch_warnings():
+            # peft calls a transformers method deprecated in 5.x; the warning is not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(lm, peft_config)
+
+    # --- parts ------------------------------------------------------------------------------
+    @property
+    def lm(self) -> nn.Module:
+        """The transformers causal LM itself (with LoRA layers injected, if any)."""
+        lm = self.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_proj.weight.device
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    # --- image path -------------------------------------------------------------------------
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """Raise a clear ``ValueError`` unless ``pixel_values`` is (N, 3, S, S) at the model's size."""
+        size = self.config.vision.image_size
+        if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a float tensor (N, 3, {size}, {size})")
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have 4 dims (N, 3, {size}, {size}), got shape {tuple(pixel_values.shape)}"
+            )
+        if pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must have 3 colour channels (RGB), got {pixel_values.shape[1]} "
+                f"in shape {tuple(pixel_values.shape)}"
+            )
+        if tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(
+                f"this model ({self.config.name}) takes {size}x{size} images, got "
+                f"{pixel_values.shape[2]}x{pixel_values.shape[3]}; resize with the model's image processor"
+            )
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised pixels -> (N, num_query_tokens, LM width) soft prompts."""
+        self.check_pixel_values(pixel_values)
+        vision_dtype = self.vision.model.embeddings.patch_embedding.weight.dtype
+        features = self.vision(pixel_values.to(vision_dtype))  # (N, 1 + P, 1408)
+        queries = self.qformer(features)  # (N, 32, 768)
+        proj_dtype = self.vision_proj.weight.dtype
+        return self.lm_proj(self.vision_proj(queries.to(proj_dtype)))  # (N, 32, 4096) -> (N, 32, C)
+
+    # --- text + image splicing --------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with each image slot (``IMAGE_TOKEN_ID``) replaced, in order, by the image
+        soft prompts ``image_embeds`` (N, Q, C). Returns (B, T, C)."""
+        slots = input_ids == IMAGE_TOKEN_ID  # (B, T)
+        n_slots = int(slots.sum())
+        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        if n_slots != n_images * self.num_image_tokens:
+            raise ValueError(
+                f"the prompts hold {n_slots // max(self.num_image_tokens, 1)} image placeholder(s) "
+                f"({n_slots} slots) but {n_images} image(s) were given"
+            )
+        embed_tokens = self.lm.get_input_embeddings()
+        embeds = embed_tokens(input_ids.masked_fill(slots, 0))  # (B, T, C)
+        if n_images:
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> TinyGPTVOutput:
+        """Training / scoring forward.
+
+        ``input_ids`` (B, T) hold ``IMAGE_TOKEN_ID`` slots for the images of ``pixel_values``
+        (N, 3, S, S), in order; ``labels`` (B, T) are -100 wherever no loss is wanted (build both
+        with :meth:`prepare` or :mod:`tinygptv.data.encoding`).
+        """
+        max_len = self.config.language.max_position_embeddings
+        if input_ids.shape[1] > max_len:
+            raise ValueError(
+                f"sequence of {input_ids.shape[1]} tokens exceeds the context length {max_len} of {self.config.name}"
+            )
+        # 1. images -> (N, Q, C) soft prompts
+        image_embeds = self.encode_images(pixel_values) if pixel_values is not None else None
+        # 2. text embeddings with the image slots filled -> (B, T, C)
+        inputs_embeds = self.embed(input_ids, image_embeds)
+        # 3. language model -> (B, T, vocab)
+        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+        if labels is None:
+            return TinyGPTVOutput(logits=logits)
+        # 4. next-token loss on target positions only
+        loss, per_sample = causal_lm_loss(logits, labels)
+        return TinyGPTVOutput(logits=logits, loss=loss, per_sample_loss=per_sample)
+
+    # --- convenience: strings + pixels -> a batch -------------------------------------------
+    def prepare(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[torch.Tensor | None] | None = None,
+        answers: Sequence[str] | None = None,
+        padding_side: str = "right",
+        truncate: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Tokenise a batch of prompts (with ``<ImageHere>`` placeholders) and optional answers.
+
+        ``images[i]`` is sample i's image(s): a (3, S, S) or (k, 3, S, S) tensor, or None; the
+        number of images must equal the number of placeholders in ``prompts[i]``.
+        """
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer; pass tokenizer= to TinyGPTV or load one")
+        images = list(images) if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts) or (answers is not None and len(answers) != len(prompts)):
+            raise ValueError(
+                f"got {len(prompts)} prompts, {len(images)} image entries"
+                + (f" and {len(answers)} answers" if answers is not None else "")
+                + ": one of each per sample"
+            )
+        encoded, pixels = [], []
+        for i, prompt in enumerate(prompts):
+            sample_images = _as_image_stack(images[i])
+            n_placeholders = prompt.count(IMAGE_PLACEHOLDER)
+            n_images = 0 if sample_images is None else sample_images.shape[0]
+            if n_placeholders != n_images:
+                raise ValueError(
+                    f"sample {i}: the prompt has {n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+                    f"but {n_images} image(s) were given"
+                )
+            if sample_images is not None:
+                pixels.append(sample_images)
+            answer = answers[i] if answers is not None else None
+            encoded.append(
+                encode_prompt(
+                    self.tokenizer,
+                    prompt,
+                    answer,
+                    self.num_image_tokens,
+                    max_length=self.config.language.max_position_embeddings,
+                    truncate=truncate,
+                )
+            )
+        batch = collate(encoded, self.pad_token_id, padding_side=padding_side)
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None)):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    # --- minimal greedy generation (the full engine lives in tinygptv.generate) -------------
+    @torch.no_grad()
+    def generate_greedy(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[torch.Tensor | None] | None = None,
+        max_new_tokens: int = 20,
+        stop_strings: Sequence[str] = (),
+    ) -> list[str]:
+        """Greedy decoding of a batch with transformers' ``generate`` on spliced embeddings.
+
+        Prompts are left-padded so every row continues from its last real token.
+        """
+        batch = self.prepare(prompts, images, padding_side="left")
+        image_embeds = self.encode_images(batch["pixel_values"]) if "pixel_values" in batch else None
+        inputs_embeds = self.embed(batch["input_ids"].to(self.device), image_embeds)
+        out = self.lm.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=batch["attention_mask"].to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [_cut_at_stop(t, stop_strings) for t in texts]
+
+    # --- precision ----------------------------------------------------------------------------
+    def cast_frozen(self, dtype: torch.dtype) -> "TinyGPTV":
+        """Cast frozen parameters to ``dtype`` (bf16/fp16) and keep trainable ones in fp32.
+
+        TinyGPT-V keeps its norms, projections and LoRA in fp32 while the frozen backbone runs in
+        half precision (ORIGINAL-NOTES, "Architecture"). Run the forward under ``torch.autocast``.
+        """
+        for p in self.parameters():
+            p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
+        return self
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted cross-entropy over positions whose label is not -100.
+
+    Returns the batch mean over all target tokens and the (B,) per-sample means.
+    """
+    shift_logits = logits[:, :-1].float()  # (B, T-1, V)
+    shift_labels = labels[:, 1:].to(logits.device)  # (B, T-1)
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(shift_labels)
+    mask = shift_labels != IGNORE_INDEX
+    n_targets = mask.sum()
+    if n_targets == 0:
+        raise ValueError("the batch has no target tokens (every label is -100): nothing to learn from")
+    loss = token_loss.sum() / n_targets
+    per_sample = token_loss.sum(dim=1) / mask.sum(dim=1)  # NaN where a sample has no targets
+    return loss, per_sample
+
+
+def _as_image_stack(images: torch.Tensor | None) -> torch.Tensor | None:
+    if images is None:
+        return None
+    if not torch.is_tensor(images):
+        raise ValueError(f"images must be tensors (3, S, S) or (k, 3, S, S), got {type(images).__name__}")
+    if images.ndim == 3:
+        return images.unsqueeze(0)
+    if images.ndim == 4:
+        return images
+    raise ValueError(f"an image must be (3, S, S) or (k, 3, S, S), got shape {tuple(images.shape)}")
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = len(text)
+    for s in stops:
+        k = text.find(s)
+        if k != -1:
+            cut = min(cut, k)
+    return text[:cut].strip()
+
+
+__all__ = ["TinyGPTV", "TinyGPTVOutput", "causal_lm_loss"]
