@@ -275,6 +275,51 @@ class TinyGPTV(nn.Module):
             p.data = p.data.to(torch.float32 if p.requires_grad else dtype)
         return self
 
+    # --- weights: save / load / merge (thin wrappers; name maps and checks in weights.py) ---------
+    def save_pretrained(self, directory, trainable_only: bool = False, base=None, max_shard_size="5GB"):
+        """Write config.json, safetensors (sharded above ``max_shard_size``) and the tokenizer.
+
+        ``trainable_only`` keeps only what trains (projections, LM norms, LoRA) and records where the
+        frozen parts come from (``base``: our format's path / hub id, or ``Ingredients``).
+        """
+        from .weights import save_pretrained
+
+        return save_pretrained(self, directory, trainable_only=trainable_only, base=base, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id, device=None, dtype=None, offline=None, revision=None, verify=False):
+        """Load our format from a local directory or a hub id (memory-mapped; ``load_report`` says what came from where)."""
+        from .weights import load_pretrained
+
+        model, report = load_pretrained(path_or_hub_id, device, dtype, offline, revision, verify)
+        model.load_report = report
+        return model
+
+    @classmethod
+    def from_ingredients(cls, config, ingredients, device=None, dtype=torch.float32, offline=None):
+        """Assemble from public weights (Phi-2 dir, BLIP-2 / LAVIS files, MiniGPT-4, stage checkpoint).
+
+        ``ingredients`` is a :class:`tinygptv.model.weights.Ingredients`; ``config`` a config or preset name.
+        """
+        from .weights import load_ingredients
+
+        config = get_preset(config) if isinstance(config, str) else config
+        model, report = load_ingredients(config, ingredients, device, dtype, offline)
+        model.load_report = report
+        return model
+
+    def load_released_checkpoint(self, path, stage=None, sha256=None):
+        """Copy the authors' ``TinyGPT-V_for_Stage{N}.pth`` into this (loaded) model; returns the report."""
+        from .weights import load_released_checkpoint
+
+        return load_released_checkpoint(self, path, stage, sha256)
+
+    def merge_lora(self) -> "TinyGPTV":
+        """Fold LoRA into the base weights for inference; the config then says ``lora.enabled=False``."""
+        from .weights import merge_lora
+
+        return merge_lora(self)
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted cross-entropy over positions whose label is not -100.
