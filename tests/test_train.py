@@ -186,3 +186,22 @@ def test_random_caption_stream_splits_a_global_batch_the_same_way_for_any_world_
     assert all(torch.equal(expected[k], v) for k, v in next(resumed).items())
     batch = expected
     assert batch["pixel_values"].shape == (2, 3, 28, 28) and (batch["labels"] != -100).any()
+
+
+def test_base_weights_give_the_frozen_parts(tmp_path):
+    from tinygptv.model.tinygptv import TinyGPTV
+
+    torch.manual_seed(123)  # other weights than the trainer's own random init
+    base = TinyGPTV("tinygptv-tiny", tokenizer=word_tokenizer())
+    base.save_pretrained(tmp_path / "base")
+    out = train(tiny_config(tmp_path / "run", {"epochs": 1, "base_weights": str(tmp_path / "base")}))
+    run = setup(tiny_config(tmp_path / "run2", {"base_weights": str(tmp_path / "base"), "init_from": str(out)}))
+    own, saved = dict(run.module.named_parameters()), dict(base.named_parameters())
+    trained = load_file(str(out / TRAINABLE_FILE))
+    for name, param in own.items():
+        expected = trained[name] if name in trained else saved[name]
+        assert torch.equal(param.detach(), expected.detach()), name
+    run.log.close()
+    with pytest.raises(ValueError, match=r"language.qk_norm: True \(weights\) vs False \(run\)"):
+        setup(tiny_config(tmp_path / "run3", {"base_weights": str(tmp_path / "base"),
+                                              "model_overrides": {"language.qk_norm": False}}))

@@ -332,23 +332,40 @@ def build_model(config: TrainConfig, stage: Stage) -> TinyGPTV:
     """The model with frozen weights from ``base_weights`` (or random), the previous stage's
     trainable weights (``init_from``), and exactly the stage's parameters trainable."""
     model_config = model_config_for(config, stage)
-    tokenizer = load_tokenizer(model_config)
-    torch.manual_seed(config.seed)  # the same random frozen weights in every stage and process
     if config.base_weights:
-        load = getattr(TinyGPTV, "from_pretrained", None)
-        if load is None:
-            raise ValueError("base_weights needs TinyGPTV.from_pretrained (tinygptv.model.weights), not in this version")
-        module = load(config.base_weights, config=model_config, tokenizer=tokenizer)
+        module = TinyGPTV.from_pretrained(config.base_weights)
+        check_same_architecture(module.config, model_config, config.base_weights)
     else:
-        module = TinyGPTV(model_config, tokenizer=tokenizer)
+        torch.manual_seed(config.seed)  # the same random frozen weights in every stage and process
+        module = TinyGPTV(model_config, tokenizer=load_tokenizer(model_config))
     if config.init_from:
         load_trainable(module, Path(config.init_from) / TRAINABLE_FILE)
-    apply_stage(module, stage)
+    for name in apply_stage(module, stage):
+        param = module.get_parameter(name)
+        param.data = param.data.clone()  # own memory for what the optimizer writes (loads may be memory-mapped)
     module.lm.config.use_cache = False  # training never reuses keys/values
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs and with DDP / FSDP.
         module.lm.activation_checkpointing_enable({"use_reentrant": False})
     return module
+
+
+def check_same_architecture(loaded: TinyGPTVConfig, wanted: TinyGPTVConfig, source: str) -> None:
+    """Refuse base weights built for another architecture or image size than the run's."""
+    a, b = _flatten(loaded.to_dict()), _flatten(wanted.to_dict())
+    diffs = [f"{k}: {a[k]!r} (weights) vs {b.get(k)!r} (run)" for k in a if k not in ("name", "tokenizer") and a[k] != b.get(k)]
+    if diffs:
+        raise ValueError(
+            f"base_weights {source} hold a model that differs from the run's ({'; '.join(diffs)}); convert the "
+            "ingredients for this stage (tinygptv convert, e.g. --stage 4 for 448 px) or change the run's settings"
+        )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def load_tokenizer(model_config: TinyGPTVConfig):

@@ -100,8 +100,9 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """Dotted overrides of the preset, e.g. ``{"language.qk_norm": false}`` for an ablation."""
     base_weights: str | None = None
-    """Saved TinyGPT-V model directory giving the frozen parts (ViT, Q-Former, Phi-2); ``None``
-    builds random weights (tests, benchmarks)."""
+    """A model directory or hub id in our format (``tinygptv convert``, ``TinyGPTV.save_pretrained``)
+    giving the frozen parts (ViT, Q-Former, Phi-2); its architecture and image size must be the run's.
+    ``None`` builds random weights (tests, benchmarks)."""
     init_from: str | None = None
     """Run directory of the previous stage, whose trainable weights this stage starts from."""
     out_dir: str = "runs/stage1"
