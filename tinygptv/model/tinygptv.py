@@ -264,6 +264,22 @@ class TinyGPTV(nn.Module):
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [_cut_at_stop(t, stop_strings) for t in texts]
 
+    # --- one-shot and multi-turn use (the engine lives in tinygptv.chat / tinygptv.generate) ----
+    def ask(self, image, question: str, task: str | None = None, template: str = "stage4", **sampling):
+        """Answer one question about ``image`` (PIL image, path, bytes or None); returns an
+        :class:`~tinygptv.chat.Answer` with the text and any boxes, in pixels of ``image``."""
+        conversation = self.chat(template)
+        if image is not None:
+            conversation.add_image(image)
+        return conversation.ask(question, task, **sampling)
+
+    def chat(self, template: str = "stage4", **sampling):
+        """A new :class:`~tinygptv.chat.Conversation` with this model."""
+        from ..chat import Conversation
+        from ..generate import SamplingParams
+
+        return Conversation(self, template, SamplingParams(**sampling))
+
     # --- precision ----------------------------------------------------------------------------
     def cast_frozen(self, dtype: torch.dtype) -> "TinyGPTV":
         """Cast frozen parameters to ``dtype`` (bf16/fp16) and keep trainable ones in fp32.
