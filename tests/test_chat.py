@@ -106,3 +106,15 @@ def test_bad_images_and_questions_are_clear_errors(model, tmp_path):
 def test_model_ask_one_shot(model):
     answer = model.ask(_image(), "what color is it ?", task="vqa", max_new_tokens=3)
     assert isinstance(answer.text, str) and answer.to_dict()["answer"] == answer.text
+
+
+def test_batched_generate_agrees_with_the_conversation_engine(model):
+    images = [_image(), _image((0, 200, 0), (30, 50))]
+    questions = ["what color is it ?", "how many objects are there ?"]
+    batched = model.generate(images, questions, task="vqa", max_new_tokens=6)
+    for image, question, text in zip(images, questions, batched):
+        assert model.ask(image, question, task="vqa", max_new_tokens=6).text == text
+    beams = model.generate(images, questions, task="vqa", max_new_tokens=6, num_beams=3)
+    assert len(beams) == 2 and all(isinstance(t, str) for t in beams)
+    sampled = [model.generate(images, questions, max_new_tokens=6, temperature=1.0, seed=5) for _ in range(2)]
+    assert sampled[0] == sampled[1]

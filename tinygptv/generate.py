@@ -143,3 +143,32 @@ def stream_tokens(
 
 def new_cache(lm) -> DynamicCache:
     return DynamicCache(config=lm.config)
+
+
+@torch.inference_mode()
+def generate_batch(
+    lm,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    params: SamplingParams,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+) -> torch.Tensor:
+    """Batched decoding (left-padded ``inputs_embeds`` (B, T, C)) and beam search, through
+    transformers' ``generate``. Returns the new token ids (B, N), padded with ``pad_token_id``."""
+    params.validate()
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    sample = params.temperature > 0
+    return lm.generate(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        max_new_tokens=params.max_new_tokens,
+        do_sample=sample,
+        temperature=params.temperature if sample else None,
+        top_p=params.top_p if sample else None,
+        top_k=params.top_k if sample else None,
+        num_beams=params.num_beams,
+        eos_token_id=list(eos_token_ids) or None,
+        pad_token_id=pad_token_id,
+    )

@@ -236,33 +236,57 @@ class TinyGPTV(nn.Module):
                 return candidate
         return 0
 
-    # --- minimal greedy generation (the full engine lives in tinygptv.generate) -------------
+    # --- batched generation (the single-stream engine lives in tinygptv.chat / tinygptv.generate) --
     @torch.no_grad()
-    def generate_greedy(
+    def generate(
         self,
+        images: Sequence | None,
         prompts: Sequence[str],
-        images: Sequence[torch.Tensor | None] | None = None,
-        max_new_tokens: int = 20,
-        stop_strings: Sequence[str] = (),
+        template: str | None = "stage4",
+        task: str | None = None,
+        **sampling,
     ) -> list[str]:
-        """Greedy decoding of a batch with transformers' ``generate`` on spliced embeddings.
+        """Answer a batch at once (left padding, transformers' ``generate``; beams with ``num_beams``).
 
-        Prompts are left-padded so every row continues from its last real token.
+        ``images[i]`` is sample i's image: a PIL image, path, bytes, a (3, S, S) tensor, or None.
+        With a ``template`` (default ``stage4``) each prompt is a question rendered with it (and
+        ``task``'s identifier); with ``template=None`` prompts are used as written, ``<ImageHere>``
+        placeholders included. ``sampling`` takes :class:`~tinygptv.generate.SamplingParams` fields.
         """
-        batch = self.prepare(prompts, images, padding_side="left")
-        image_embeds = self.encode_images(batch["pixel_values"]) if "pixel_values" in batch else None
+        from ..data.templates import get_template
+        from ..generate import SamplingParams, generate_batch
+
+        params = SamplingParams(**sampling)
+        images = list(images) if images is not None else [None] * len(prompts)
+        pixels = [self._pixels(image) for image in images]
+        stops = tuple(params.stop)
+        if template is not None:
+            tmpl = get_template(template)
+            prompts = [tmpl.prompt(p, 0 if px is None else 1, task) for p, px in zip(prompts, pixels)]
+            stops += tmpl.stop_strings
+        batch = self.prepare(prompts, pixels, padding_side="left")
+        image_embeds = self.encode_images(batch["pixel_values"].to(self.device)) if "pixel_values" in batch else None
         inputs_embeds = self.embed(batch["input_ids"].to(self.device), image_embeds)
-        out = self.lm.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=batch["attention_mask"].to(self.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=self.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
+        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        out = generate_batch(
+            self.lm, inputs_embeds, batch["attention_mask"].to(self.device), params, eos, self.pad_token_id
         )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [_cut_at_stop(t, stop_strings) for t in texts]
+        return [_cut_at_stop(t, stops) for t in texts]
+
+    def generate_greedy(self, prompts, images=None, max_new_tokens: int = 20, stop_strings=()) -> list[str]:
+        """Greedy answers to raw prompts (``<ImageHere>`` placeholders included)."""
+        return self.generate(images, prompts, template=None, max_new_tokens=max_new_tokens, stop=tuple(stop_strings))
+
+    def _pixels(self, image):
+        """One image as a normalised (3, S, S) tensor at this model's resolution (None stays None)."""
+        if image is None or torch.is_tensor(image):
+            return image
+        from ..chat import load_image
+        from ..data.image_processing import image_processor_for
+
+        pixels = image_processor_for(self.config.vision.image_size)(load_image(image))
+        return pixels.to(self.lm_proj.weight.dtype)
 
     # --- one-shot and multi-turn use (the engine lives in tinygptv.chat / tinygptv.generate) ----
     def ask(self, image, question: str, task: str | None = None, template: str = "stage4", **sampling):
