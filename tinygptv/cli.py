@@ -14,6 +14,7 @@ import sys
 # Sub-command modules, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "tinygptv.commands.info",
+    "tinygptv.commands.data",
     "tinygptv.commands.convert",
     "tinygptv.commands.train",
     "tinygptv.commands.plot",
