@@ -14,6 +14,8 @@ import sys
 # Sub-command modules, in the order ``--help`` lists them.
 COMMAND_MODULES = [
     "tinygptv.commands.info",
+    "tinygptv.commands.ask",
+    "tinygptv.commands.chat",
     "tinygptv.commands.data",
     "tinygptv.commands.convert",
     "tinygptv.commands.train",

@@ -1,0 +1,74 @@
+"""Loading a model for inference: the built-in default, a local directory or a hub id, on a device,
+in a dtype, optionally quantized.
+
+The built-in model (the micro TinyGPT-V trained on the synthetic shapes world, a few MB) ships
+inside the package under ``tinygptv/assets/``; every command uses it when no model is named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUILTIN_NAME = "tinygptv-micro-shapes"
+"""Name of the built-in model (``--model builtin`` names it explicitly)."""
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+
+
+def builtin_model_dir() -> Path:
+    """Directory of the built-in model inside the installed package."""
+    from importlib.resources import files
+
+    path = Path(str(files("tinygptv") / "assets" / BUILTIN_NAME))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the built-in model is missing from this installation ({path}); rebuild it with "
+            "`python scripts/build_builtin_model.py` or name a model with --model"
+        )
+    return path
+
+
+def resolve_dtype(name: str | None, device: str):
+    """A torch dtype from a name; ``None`` picks bf16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    if name is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(set(DTYPES)))}")
+    return getattr(torch, DTYPES[name])
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    model: str | Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+    offline: bool | None = None,
+):
+    """A :class:`~tinygptv.TinyGPTV` ready for inference.
+
+    ``model``: None or ``"builtin"`` for the built-in model, else a directory in our format or a
+    hub id. ``quantize``: None, ``"int8"`` or ``"int4"`` (weight-only, language model; LoRA is
+    merged first).
+    """
+    from .model.tinygptv import TinyGPTV
+    from .quantize import QUANT_MODES, quantize_language_model
+
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
+    device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    source = builtin_model_dir() if model in (None, "builtin") else model
+    net = TinyGPTV.from_pretrained(source, device=device, dtype=torch_dtype, offline=offline)
+    if quantize is not None:
+        if net.config.lora.enabled:
+            net.merge_lora()
+        quantize_language_model(net, quantize)
+    return net.eval()
