@@ -136,6 +136,12 @@ def test_webdataset_stream_is_seeded_resumable_and_skips_ahead(shards):
                 fresh.load(position, 0)
         else:
             assert fresh.load(position, 0).id == expected
+    # a copy sent to a worker process leaves its open shard behind, and reads on from where it is asked
+    source = WebDatasetPairs(paths, shuffle_buffer=4)
+    first = source.load(0, 0).id
+    clone = pickle.loads(pickle.dumps(source))
+    assert clone._cursor is None and first == keys[0][0]
+    assert clone.load(1, 0).id == source.load(1, 0).id == keys[0][1]
     # going back restarts the reader
     source = WebDatasetPairs(paths, shuffle_buffer=4)
     ids = [keys[0][p] for p in (12, 3)]

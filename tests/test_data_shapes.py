@@ -336,6 +336,25 @@ def test_each_stage_loads_through_the_mixture(world, stage):
         assert set(names) == set(sources)
 
 
+def test_streamed_pairs_are_the_same_with_workers(world):
+    """webdataset shards are streamed; workers skipping each other's draws agree with one process,
+    also when the parent process holds an open reader of the same shards (it stays the parent's)."""
+    shards = sorted((world / "pairs").glob("*.tar"))  # 60 images in shards of 16
+
+    def pairs():  # a small shuffle buffer: the reader holds a shard open rather than all of it in memory
+        return [WebDatasetPairs(shards, shuffle_buffer=2)]
+
+    expected = [Mixture(pairs(), seed=5).load(g).id for g in range(1, 31)]
+    mixture = Mixture(pairs(), seed=5)
+    mixture.load(0)  # the parent now reads a shard through an open file
+    multi = MixtureLoader(mixture, batch_size=5, num_workers=2, start_step=1)
+    try:
+        got = [s.id for _ in range(6) for s in multi.next_batch()]
+    finally:
+        multi.close()
+    assert got == expected
+
+
 def test_split_sizes_and_errors(tmp_path):
     assert split_sizes(10000) == {"train": 8000, "val": 500, "test": 500, "compositional": 1000}
     assert sum(split_sizes(7).values()) == 7 and min(split_sizes(7).values()) >= 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ class _Cursor:
     epoch_start: int
     position: int
     iterator: Iterator[dict]
+    pid: int
+    """Process that opened the iterator: a forked worker must not read through its parent's files."""
 
 
 class WebDatasetPairs(Source):
@@ -106,10 +109,10 @@ class WebDatasetPairs(Source):
 
     def _raw_at(self, position: int, seed: int) -> dict:
         cursor = self._cursor
-        if cursor is None or cursor.seed != seed or position < cursor.position:
+        if cursor is None or cursor.pid != os.getpid() or cursor.seed != seed or position < cursor.position:
             epoch = position // self._epoch_length if self._epoch_length else 0
             start = epoch * (self._epoch_length or 0)
-            cursor = _Cursor(seed, epoch, start, start, self._epoch(seed, epoch, self.shuffle))
+            cursor = _Cursor(seed, epoch, start, start, self._epoch(seed, epoch, self.shuffle), os.getpid())
             self._cursor = cursor
         while True:
             try:
@@ -159,6 +162,12 @@ class WebDatasetPairs(Source):
                 yield self.build(raw, None)
             except BadSample as err:
                 logger.warning("skipped %s", err)
+
+    def __getstate__(self) -> dict:
+        # Open shard iterators stay with their process (spawned workers start their own).
+        state = dict(self.__dict__)
+        state["_cursor"] = None
+        return state
 
     def __repr__(self) -> str:
         return f"WebDatasetPairs(name={self.name!r}, shards={len(self.urls)})"
