@@ -80,7 +80,7 @@ def write_phi_dir(ref, directory: Path, layout="hf", file="safetensors", **confi
     """A Hugging Face Phi directory: transformers' layout ("hf"), the authors' fused copy ("fused")
     or Microsoft's remote-code layout ("msft"), with config.json and the tokenizer."""
     s, lang = canonical_state(ref), ref.config.language
-    g = lambda k: s["language_model." + k]  # noqa: E731
+    g = lambda k: s["language_model." + k]
     out = {}
     if layout == "msft":
         out["transformer.embd.wte.weight"] = g("model.embed_tokens.weight")
@@ -140,7 +140,7 @@ def write_phi_dir(ref, directory: Path, layout="hf", file="safetensors", **confi
 
 def write_llama_dir(ref, directory: Path) -> Path:
     s, lang = canonical_state(ref), ref.config.language
-    g = lambda k: s["language_model." + k]  # noqa: E731
+    g = lambda k: s["language_model." + k]
     out = {k: g(k) for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")}
     for i in range(lang.num_layers):
         names = [f"self_attn.{x}_proj" for x in "qkvo"] + [f"mlp.{x}_proj" for x in ("gate", "up", "down")]
@@ -183,7 +183,9 @@ def write_hf_blip2_dir(ref, directory: Path, drop: tuple[str, ...] = ()) -> Path
     for key in drop:
         del out[key]
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps({"model_type": "blip-2", "num_query_tokens": ref.config.qformer.num_query_tokens}))
+    (directory / "config.json").write_text(
+        json.dumps({"model_type": "blip-2", "num_query_tokens": ref.config.qformer.num_query_tokens})
+    )
     save_file({k: v.contiguous() for k, v in out.items()}, directory / "model.safetensors")
     return directory
 
@@ -191,7 +193,7 @@ def write_hf_blip2_dir(ref, directory: Path, drop: tuple[str, ...] = ()) -> Path
 def eva_state(ref, extra_blocks=1) -> dict[str, torch.Tensor]:
     """LAVIS ``eva_vit_g.pth`` names: EVA-CLIP's blocks (one more than BLIP-2 uses), q/v biases only."""
     s, vis = canonical_state(ref), ref.config.vision
-    g = lambda k: s["vision.model." + k]  # noqa: E731
+    g = lambda k: s["vision.model." + k]
     out = {
         "cls_token": g("embeddings.class_embedding"),
         "pos_embed": g("embeddings.position_embedding"),
@@ -271,7 +273,7 @@ def write_minigpt4(proj_weight, proj_bias, path: Path) -> Path:
 def stage_state(ref, lora=True, peft_default_names=False) -> dict[str, torch.Tensor]:
     """The authors' ``TinyGPT-V_for_Stage{N}.pth`` ``model``: trainable tensors only, LoRA on the fused qkv."""
     s, lang = canonical_state(ref), ref.config.language
-    g = lambda k: s["language_model." + k]  # noqa: E731
+    g = lambda k: s["language_model." + k]
     prefix = "llama_model.base_model.model." if lora else "llama_model."
     lora_suffix = ".default.weight" if peft_default_names else ".weight"
     out = {
@@ -409,7 +411,9 @@ def test_hf_blip2_directory(ref, files):
 
 
 def test_lavis_eva_and_blip2_files(ref, files):
-    ingredients = Ingredients(language=str(files["phi"]), eva_vit=str(files["eva"]), blip2_lavis=str(files["blip2_lavis"]))
+    ingredients = Ingredients(
+        language=str(files["phi"]), eva_vit=str(files["eva"]), blip2_lavis=str(files["blip2_lavis"])
+    )
     model = TinyGPTV.from_ingredients(tiny(), ingredients)
     assert_equal_where(model, canonical_state(ref), ("vision.", "qformer."))
     # k has no bias in EVA: the fused bias is (q_bias, 0, v_bias)
@@ -447,7 +451,9 @@ def test_position_embeddings_interpolated_for_a_larger_image(ref, files, source)
     """Stage 4 runs at 448 px from 224 px checkpoints: the table is resized bicubically, as LAVIS does."""
     big = tiny(**{"vision.image_size": 56})  # 2x2 -> 4x4 patches, like 16x16 -> 32x32
     if source == "lavis":
-        ingredients = Ingredients(language=str(files["phi"]), eva_vit=str(files["eva"]), blip2_lavis=str(files["blip2_lavis"]))
+        ingredients = Ingredients(
+            language=str(files["phi"]), eva_vit=str(files["eva"]), blip2_lavis=str(files["blip2_lavis"])
+        )
     else:
         ingredients = Ingredients(language=str(files["phi"]), blip2=str(files["blip2"]))
     model = TinyGPTV.from_ingredients(big, ingredients)
@@ -474,7 +480,9 @@ def test_minigpt4_projection_starts_vision_proj(ref, files, tmp_path):
 def test_released_stage_checkpoint_completes_the_model(ref, files, tmp_path, peft_default_names):
     """Authors' layout end to end: fused-qkv Phi-2 + LAVIS + MiniGPT-4 + stage 4 = the reference, exactly."""
     stage = write_stage(ref, tmp_path / "TinyGPT-V_for_Stage4.pth", peft_default_names=peft_default_names)
-    minigpt4 = write_minigpt4(torch.randn_like(ref.vision_proj.weight), torch.randn_like(ref.vision_proj.bias), tmp_path / "mg4.pth")
+    minigpt4 = write_minigpt4(
+        torch.randn_like(ref.vision_proj.weight), torch.randn_like(ref.vision_proj.bias), tmp_path / "mg4.pth"
+    )
     ingredients = Ingredients(
         language=str(files["phi_fused"]),
         eva_vit=str(files["eva"]),
@@ -490,7 +498,9 @@ def test_released_stage_checkpoint_completes_the_model(ref, files, tmp_path, pef
     report = model.load_report
     assert not report.initialised  # nothing left at its initial value
     assert "mg4.pth" in report.replaced["vision_proj.weight"]  # the stage checkpoint's projection wins
-    assert report.loaded["language_model.model.layers.1.post_attention_norm.weight"].endswith("layers.1.post_layernorm.weight")
+    assert report.loaded["language_model.model.layers.1.post_attention_norm.weight"].endswith(
+        "layers.1.post_layernorm.weight"
+    )
     torch.testing.assert_close(model(**batch(model)).logits, ref(**batch(ref)).logits, rtol=0, atol=0)
 
 
@@ -509,7 +519,9 @@ def test_stage1_checkpoint_without_lora_gets_a_new_lora(ref, files, tmp_path):
     model = TinyGPTV.from_ingredients(
         tiny(), Ingredients(language=str(files["phi"]), blip2=str(files["blip2"]), stage_checkpoint=str(stage))
     )
-    assert_equal_where(model, canonical_state(ref), ("vision_proj.", "lm_proj.", "language_model.model.final_layernorm."))
+    assert_equal_where(
+        model, canonical_state(ref), ("vision_proj.", "lm_proj.", "language_model.model.final_layernorm.")
+    )
     lora = [k for k in model.load_report.initialised]
     assert lora and all(".lora_" in k for k in lora)
     assert torch.count_nonzero(model.lm.model.layers[0].self_attn.dense.lora_B.default.weight) == 0
@@ -607,11 +619,13 @@ def test_save_and_load_round_trip_is_bit_exact(ref, tmp_path, max_shard_size):
     # non-persistent buffers, absent from the files, are recomputed after the meta-device build
     for (name, a), (_, b) in zip(ref.named_buffers(), loaded.named_buffers()):
         assert torch.equal(a, b), name
-    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {n: p.requires_grad for n, p in ref.named_parameters()}
+    assert {n: p.requires_grad for n, p in loaded.named_parameters()} == {
+        n: p.requires_grad for n, p in ref.named_parameters()
+    }
     assert torch.equal(loaded(**batch(loaded)).logits, ref(**batch(ref)).logits)
-    assert loaded.generate_greedy(["<Img><ImageHere></Img> what"], [torch.ones(3, 28, 28)], max_new_tokens=4) == ref.generate_greedy(
+    assert loaded.generate_greedy(
         ["<Img><ImageHere></Img> what"], [torch.ones(3, 28, 28)], max_new_tokens=4
-    )
+    ) == ref.generate_greedy(["<Img><ImageHere></Img> what"], [torch.ones(3, 28, 28)], max_new_tokens=4)
 
 
 def test_load_with_another_dtype(ref, tmp_path):
@@ -665,3 +679,30 @@ def test_merge_lora_keeps_the_outputs(ref, tmp_path):
     reloaded = TinyGPTV.from_pretrained(model.save_pretrained(tmp_path / "merged"))
     assert not reloaded.config.lora.enabled
     assert torch.equal(reloaded(**inputs).logits, after)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    """safetensors stores a tied matrix once; loading ties it again (one parameter object)."""
+    model = reference_model(tiny(**{"language.tie_word_embeddings": True}))
+    assert model.lm.lm_head.weight is model.lm.model.embed_tokens.weight
+    loaded = TinyGPTV.from_pretrained(model.save_pretrained(tmp_path / "out"))
+    assert loaded.lm.lm_head.weight is loaded.lm.model.embed_tokens.weight
+    assert torch.equal(loaded.lm.lm_head.weight, model.lm.lm_head.weight)
+    assert torch.equal(loaded(**batch(loaded)).logits, model(**batch(model)).logits)
+
+
+def test_meta_buffers_are_computed_or_refused():
+    """Non-persistent buffers are in no file: BERT-style position ids are rebuilt, anything unknown is an error."""
+    from torch import nn
+
+    from tinygptv.model.weights import WeightLoadError, rebuild_buffers
+
+    with torch.device("meta"):
+        module = nn.Module()
+        module.register_buffer("position_ids", torch.arange(6).expand(1, -1), persistent=False)
+    rebuild_buffers(module, "cpu")
+    assert torch.equal(module.position_ids, torch.arange(6)[None])
+    with torch.device("meta"):
+        module.register_buffer("mystery", torch.zeros(3), persistent=False)
+    with pytest.raises(WeightLoadError, match="buffer mystery has no value after loading"):
+        rebuild_buffers(module, "cpu")

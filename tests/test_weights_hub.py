@@ -57,7 +57,9 @@ def ref():
 def public(ref, tmp_path_factory):
     root = tmp_path_factory.mktemp("public")
     eva, blip2 = write_lavis_files(ref, root / "lavis")
-    mg4 = write_minigpt4(torch.randn_like(ref.vision_proj.weight), torch.randn_like(ref.vision_proj.bias), root / "mg4.pth")
+    mg4 = write_minigpt4(
+        torch.randn_like(ref.vision_proj.weight), torch.randn_like(ref.vision_proj.bias), root / "mg4.pth"
+    )
     return {
         "phi_fused": write_phi_dir(ref, root / "phi-2", layout="fused", file="bin"),
         "eva": eva,
@@ -143,3 +145,21 @@ def test_convert_reports_a_bad_checkpoint_in_one_error(public, tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.startswith("tinygptv convert: error:") and "does not match the expected 00ff" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,preset",
+    [
+        (["--stage-checkpoint", "TinyGPT-V_for_Stage4.pth"], "tinygptv-phi2-448"),
+        (["--stage-checkpoint", "TinyGPT-V_for_Stage2.pth"], "tinygptv-phi2"),
+        (["--stage", "4"], "tinygptv-phi2-448"),
+        (["--stage", "4", "--preset", "tinygptv-phi1.5"], "tinygptv-phi1.5"),
+    ],
+)
+def test_convert_picks_the_448_px_preset_for_stage4(argv, preset):
+    """Stage 4 trains at 448 px (paper section 4.1): the default preset follows the stage."""
+    from tinygptv.cli import build_parser
+    from tinygptv.commands.convert import _config
+
+    args = build_parser().parse_args(["convert", "--language", "x", "--out", "y", *argv])
+    assert _config(args).name == preset

@@ -33,12 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,12 @@ class WeightLoadError(ValueError):
 # =============================================================================================
 
 # Weight files of a Hugging Face model directory, in order of preference.
-HF_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+HF_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -79,7 +86,9 @@ def verify_sha256(path: str | Path, expected: str) -> None:
         )
 
 
-def read_checkpoint(path: str | Path, device: str | torch.device = "cpu", sha256: str | None = None) -> dict[str, torch.Tensor]:
+def read_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", sha256: str | None = None
+) -> dict[str, torch.Tensor]:
     """A state dict from a ``.safetensors`` or a torch ``.pth``/``.pt``/``.bin`` file, memory-mapped.
 
     Torch files are read with ``weights_only=True`` (no arbitrary unpickling); a LAVIS / MiniGPT-4
@@ -219,9 +228,11 @@ def shared_lora_a(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 _LM = "language_model."
-_QKV = (f"{_LM}model.layers.\\1.self_attn.q_proj.", f"{_LM}model.layers.\\1.self_attn.k_proj.", f"{_LM}model.layers.\\1.self_attn.v_proj.")
-_ROTARY_WHY = "rotary inverse frequencies written by old transformers versions; recomputed from the config"
+_LAYER = r"model\.layers\.(\d+)\."  # a decoder layer in a Hugging Face file
+_OUT = _LM + "model.layers.\\1."  # the same layer in our model
+_QKV = tuple(f"{_OUT}self_attn.{x}_proj." for x in "qkv")  # fused qkv -> these three
 _LORA = r"lora_(A|B)(?:\.default)?\.weight"  # peft 0.2.0 wrote lora_A.weight, later versions lora_A.default.weight
+_ROTARY_WHY = "rotary inverse frequencies written by old transformers versions; recomputed from the config"
 
 
 def phi_rules(num_heads: int) -> list[Rule]:
@@ -230,50 +241,58 @@ def phi_rules(num_heads: int) -> list[Rule]:
     Keys are relative to the causal LM (``model.layers.{i}...``, ``lm_head``).
     """
     per_head = partial(split_fused_qkv_per_head, num_heads=num_heads)
-    layer = r"model\.layers\.(\d+)\."
+    attn = _LAYER + r"self_attn\."
+    msft = r"transformer\.h\.(\d+)\."
+    # fmt: off
     return [
-        # transformers' layout (separate q/k/v), shared by every layout below for the other names
-        Rule(r"model\.embed_tokens\.weight", f"{_LM}model.embed_tokens.weight"),
-        Rule(layer + r"self_attn\.(q_proj|k_proj|v_proj|dense)\.(weight|bias)", f"{_LM}model.layers.\\1.self_attn.\\2.\\3"),
-        Rule(layer + r"self_attn\.(q_layernorm|k_layernorm)\.(weight|bias)", f"{_LM}model.layers.\\1.self_attn.\\2.\\3"),
-        Rule(layer + r"mlp\.(fc1|fc2)\.(weight|bias)", f"{_LM}model.layers.\\1.mlp.\\2.\\3"),
-        Rule(layer + r"input_layernorm\.(weight|bias)", f"{_LM}model.layers.\\1.input_layernorm.\\2"),
-        Rule(r"model\.final_layernorm\.(weight|bias)", f"{_LM}model.final_layernorm.\\1"),
-        Rule(r"lm_head\.(weight|bias)", f"{_LM}lm_head.\\1"),
-        # the TinyGPT-V authors' port: fused per-head-interleaved qkv, post_layernorm = our post_attention_norm
-        Rule(layer + r"self_attn\.query_key_value\.(weight|bias)", tuple(t + "\\2" for t in _QKV), split=per_head),
-        Rule(layer + r"post_layernorm\.weight", f"{_LM}model.layers.\\1.post_attention_norm.weight"),
-        # LoRA: on the fused qkv (one A shared by q, k, v; B rows interleaved per head) or on one projection
-        Rule(layer + r"self_attn\.query_key_value\.lora_A(?:\.default)?\.weight", tuple(t + "lora_A.weight" for t in _QKV), split=shared_lora_a),
-        Rule(layer + r"self_attn\.query_key_value\.lora_B(?:\.default)?\.weight", tuple(t + "lora_B.weight" for t in _QKV), split=per_head),
-        Rule(layer + r"self_attn\.(q_proj|k_proj|v_proj|dense)\." + _LORA, f"{_LM}model.layers.\\1.self_attn.\\2.lora_\\3.weight"),
-        # Microsoft's first remote-code release (Wqkv is three contiguous blocks)
-        Rule(r"transformer\.embd\.wte\.weight", f"{_LM}model.embed_tokens.weight"),
-        Rule(r"transformer\.h\.(\d+)\.ln\.(weight|bias)", f"{_LM}model.layers.\\1.input_layernorm.\\2"),
-        Rule(r"transformer\.h\.(\d+)\.mixer\.Wqkv\.(weight|bias)", tuple(t + "\\2" for t in _QKV), split=split_fused_qkv_blocks),
-        Rule(r"transformer\.h\.(\d+)\.mixer\.out_proj\.(weight|bias)", f"{_LM}model.layers.\\1.self_attn.dense.\\2"),
-        Rule(r"transformer\.h\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", f"{_LM}model.layers.\\1.mlp.\\2.\\3"),
-        Rule(r"lm_head\.ln\.(weight|bias)", f"{_LM}model.final_layernorm.\\1"),
-        Rule(r"lm_head\.linear\.(weight|bias)", f"{_LM}lm_head.\\1"),
+        # transformers' layout (separate q/k/v); the other layouts share its remaining names
+        Rule(r"model\.embed_tokens\.weight",                       f"{_LM}model.embed_tokens.weight"),
+        Rule(attn + r"(q_proj|k_proj|v_proj|dense)\.(weight|bias)", _OUT + "self_attn.\\2.\\3"),
+        Rule(attn + r"(q_layernorm|k_layernorm)\.(weight|bias)",    _OUT + "self_attn.\\2.\\3"),
+        Rule(_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)",             _OUT + "mlp.\\2.\\3"),
+        Rule(_LAYER + r"input_layernorm\.(weight|bias)",            _OUT + "input_layernorm.\\2"),
+        Rule(r"model\.final_layernorm\.(weight|bias)",              f"{_LM}model.final_layernorm.\\1"),
+        Rule(r"lm_head\.(weight|bias)",                             f"{_LM}lm_head.\\1"),
+        # the TinyGPT-V authors' port: fused per-head-interleaved qkv; post_layernorm = our post_attention_norm
+        Rule(attn + r"query_key_value\.(weight|bias)",              tuple(t + "\\2" for t in _QKV), split=per_head),
+        Rule(_LAYER + r"post_layernorm\.weight",                    _OUT + "post_attention_norm.weight"),
+        # LoRA on the fused qkv (one A shared by q, k, v; B rows interleaved per head), or on one projection
+        Rule(attn + r"query_key_value\.lora_A(?:\.default)?\.weight",
+             tuple(t + "lora_A.weight" for t in _QKV), split=shared_lora_a),
+        Rule(attn + r"query_key_value\.lora_B(?:\.default)?\.weight",
+             tuple(t + "lora_B.weight" for t in _QKV), split=per_head),
+        Rule(attn + r"(q_proj|k_proj|v_proj|dense)\." + _LORA,      _OUT + "self_attn.\\2.lora_\\3.weight"),
+        # Microsoft's first remote-code release (Wqkv is three contiguous blocks [q; k; v])
+        Rule(r"transformer\.embd\.wte\.weight",                     f"{_LM}model.embed_tokens.weight"),
+        Rule(msft + r"ln\.(weight|bias)",                           _OUT + "input_layernorm.\\2"),
+        Rule(msft + r"mixer\.Wqkv\.(weight|bias)",                  tuple(t + "\\2" for t in _QKV),
+             split=split_fused_qkv_blocks),
+        Rule(msft + r"mixer\.out_proj\.(weight|bias)",              _OUT + "self_attn.dense.\\2"),
+        Rule(msft + r"mlp\.(fc1|fc2)\.(weight|bias)",               _OUT + "mlp.\\2.\\3"),
+        Rule(r"lm_head\.ln\.(weight|bias)",                         f"{_LM}model.final_layernorm.\\1"),
+        Rule(r"lm_head\.linear\.(weight|bias)",                     f"{_LM}lm_head.\\1"),
         _unused(r"(?:model\.layers\.\d+\.self_attn\.|model\.)?rotary_emb\.inv_freq", _ROTARY_WHY),
     ]
+    # fmt: on
 
 
 def llama_rules() -> list[Rule]:
     """TinyLlama (transformers' Llama layout), plus TinyGPT-V's norms and LoRA."""
-    layer = r"model\.layers\.(\d+)\."
+    attn = _LAYER + r"self_attn\."
+    # fmt: off
     return [
-        Rule(r"model\.embed_tokens\.weight", f"{_LM}model.embed_tokens.weight"),
-        Rule(layer + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", f"{_LM}model.layers.\\1.self_attn.\\2.weight"),
-        Rule(layer + r"self_attn\.(q_layernorm|k_layernorm)\.(weight|bias)", f"{_LM}model.layers.\\1.self_attn.\\2.\\3"),
-        Rule(layer + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", f"{_LM}model.layers.\\1.mlp.\\2.weight"),
+        Rule(r"model\.embed_tokens\.weight",                      f"{_LM}model.embed_tokens.weight"),
+        Rule(attn + r"(q_proj|k_proj|v_proj|o_proj)\.weight",      _OUT + "self_attn.\\2.weight"),
+        Rule(attn + r"(q_layernorm|k_layernorm)\.(weight|bias)",   _OUT + "self_attn.\\2.\\3"),
+        Rule(_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", _OUT + "mlp.\\2.weight"),
         # Llama's post_attention_layernorm is its pre-MLP norm; post_attention_norm is TinyGPT-V's
-        Rule(layer + r"(input_layernorm|post_attention_layernorm|post_attention_norm)\.weight", f"{_LM}model.layers.\\1.\\2.weight"),
-        Rule(r"model\.norm\.weight", f"{_LM}model.norm.weight"),
-        Rule(r"lm_head\.weight", f"{_LM}lm_head.weight"),
-        Rule(layer + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\." + _LORA, f"{_LM}model.layers.\\1.self_attn.\\2.lora_\\3.weight"),
+        Rule(_LAYER + r"(input_layernorm|post_attention_layernorm|post_attention_norm)\.weight", _OUT + "\\2.weight"),
+        Rule(r"model\.norm\.weight",                               f"{_LM}model.norm.weight"),
+        Rule(r"lm_head\.weight",                                   f"{_LM}lm_head.weight"),
+        Rule(attn + r"(q_proj|k_proj|v_proj|o_proj)\." + _LORA,    _OUT + "self_attn.\\2.lora_\\3.weight"),
         _unused(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", _ROTARY_WHY),
     ]
+    # fmt: on
 
 
 def language_rules(config: TinyGPTVConfig) -> list[Rule]:
@@ -309,13 +328,14 @@ _QF_TEXT_WHY = "Q-Former text side (word/position embeddings, text FFN, LM head)
 def lavis_blip2_rules() -> list[Rule]:
     """LAVIS ``blip2_pretrained_flant5xxl.pth`` -> query tokens, ln_vision and the Q-Former."""
     layer = r"Qformer\.bert\.encoder\.layer\.(\d+)\."
+    attn = layer + r"(attention|crossattention)\."
     out = f"{_QF}encoder.layer.\\1."
     return [
         Rule(r"query_tokens", "qformer.query_tokens"),
         Rule(r"ln_vision\.(weight|bias)", f"{_VIT}post_layernorm.\\1"),
         Rule(r"Qformer\.bert\.embeddings\.LayerNorm\.(weight|bias)", f"{_QF}layernorm.\\1"),
-        Rule(layer + r"(attention|crossattention)\.self\.(query|key|value)\.(weight|bias)", out + "\\2.attention.\\3.\\4"),
-        Rule(layer + r"(attention|crossattention)\.output\.(dense|LayerNorm)\.(weight|bias)", out + "\\2.output.\\3.\\4"),
+        Rule(attn + r"self\.(query|key|value)\.(weight|bias)", out + "\\2.attention.\\3.\\4"),
+        Rule(attn + r"output\.(dense|LayerNorm)\.(weight|bias)", out + "\\2.output.\\3.\\4"),
         Rule(layer + r"(intermediate_query|output_query)\.(dense|LayerNorm)\.(weight|bias)", out + "\\2.\\3.\\4"),
         _unused(r"Qformer\.bert\.embeddings\.(word_embeddings\..*|position_embeddings\..*|position_ids)", _QF_TEXT_WHY),
         _unused(r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\..*", _QF_TEXT_WHY),
@@ -328,21 +348,26 @@ def lavis_blip2_rules() -> list[Rule]:
 def hf_blip2_rules() -> list[Rule]:
     """A Hugging Face BLIP-2 checkpoint -> vision encoder (+ post_layernorm = ln_vision), Q-Former, queries."""
     layer = r"qformer\.encoder\.layer\.(\d+)\."
+    attn = layer + r"(attention|crossattention)\."
     out = f"{_QF}encoder.layer.\\1."
+    vit_layer = r"vision_model\.encoder\.layers\.(\d+)\."
     parts = r"(self_attn\.qkv|self_attn\.projection|layer_norm1|layer_norm2|mlp\.fc1|mlp\.fc2)"
     return [
         Rule(r"vision_model\.embeddings\.(class_embedding|position_embedding)", f"{_VIT}embeddings.\\1"),
         Rule(r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", f"{_VIT}embeddings.patch_embedding.\\1"),
-        Rule(r"vision_model\.encoder\.layers\.(\d+)\." + parts + r"\.(weight|bias)", f"{_VIT}encoder.layers.\\1.\\2.\\3"),
+        Rule(vit_layer + parts + r"\.(weight|bias)", f"{_VIT}encoder.layers.\\1.\\2.\\3"),
         Rule(r"vision_model\.post_layernorm\.(weight|bias)", f"{_VIT}post_layernorm.\\1"),
         Rule(r"query_tokens", "qformer.query_tokens"),
         Rule(r"qformer\.layernorm\.(weight|bias)", f"{_QF}layernorm.\\1"),
-        Rule(layer + r"(attention|crossattention)\.attention\.(query|key|value)\.(weight|bias)", out + "\\2.attention.\\3.\\4"),
-        Rule(layer + r"(attention|crossattention)\.output\.(dense|LayerNorm)\.(weight|bias)", out + "\\2.output.\\3.\\4"),
+        Rule(attn + r"attention\.(query|key|value)\.(weight|bias)", out + "\\2.attention.\\3.\\4"),
+        Rule(attn + r"output\.(dense|LayerNorm)\.(weight|bias)", out + "\\2.output.\\3.\\4"),
         Rule(layer + r"(intermediate_query|output_query)\.(dense|LayerNorm)\.(weight|bias)", out + "\\2.\\3.\\4"),
         _unused(r"qformer\.embeddings\..*", _QF_TEXT_WHY),
         _unused(r"qformer\.encoder\.layer\.\d+\.(intermediate|output)\..*", _QF_TEXT_WHY),
-        _unused(r"(language_model|language_projection)\..*", "BLIP-2's own language model and its projection: TinyGPT-V uses Phi-2"),
+        _unused(
+            r"(language_model|language_projection)\..*",
+            "BLIP-2's own language model and its projection: TinyGPT-V uses Phi-2",
+        ),
         _unused(r"(vision_projection|text_projection|itm_head)\..*", "BLIP-2 retrieval heads: unused"),
     ]
 
@@ -429,6 +454,24 @@ def canonical_key(key: str) -> str:
 def model_keys(model: nn.Module) -> dict[str, str]:
     """Canonical key -> the model's actual state-dict key."""
     return {canonical_key(k): k for k in model.state_dict(keep_vars=True)}
+
+
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Canonical keys that name one shared parameter (e.g. ``tie_word_embeddings``); a file holds
+    only one of each group (safetensors refuses shared tensors)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(canonical_key(name))
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, keys: Mapping[str, str], groups: list[list[str]]) -> None:
+    """After an assigning load, make each tied group one parameter object again."""
+    for first, *others in groups:
+        shared = model.get_parameter(keys[first])
+        for name in others:
+            owner, _, leaf = keys[name].rpartition(".")
+            model.get_submodule(owner)._parameters[leaf] = shared
 
 
 # =============================================================================================
@@ -562,7 +605,9 @@ def _diagnose(report: LoadReport, config: TinyGPTVConfig, seen: Iterable[str]) -
     lang = config.language
     for m in report.mismatched:
         if m.key.endswith(("embed_tokens.weight", "lm_head.weight", "lm_head.bias")) and m.found[0] != m.expected[0]:
-            report.add_cause(f"vocab size {m.found[0]} vs {m.expected[0]}: wrong Phi-2 revision (or another model's checkpoint)?")
+            report.add_cause(
+                f"vocab size {m.found[0]} vs {m.expected[0]}: wrong Phi-2 revision (or another model's checkpoint)?"
+            )
         elif ".lora_A." in m.key and m.found[0] != m.expected[0]:
             report.add_cause(f"LoRA rank {m.found[0]} in the checkpoint vs {m.expected[0]} in the config (lora.r)")
         elif ".lora_B." in m.key and m.found[1:] != m.expected[1:]:
@@ -640,6 +685,8 @@ def assemble(
     allowed_missing = allowed_missing or {}
     device = torch.device(device or "cpu")
     keys = model_keys(model)
+    groups = tied_groups(model)
+    twins = {name: group for group in groups for name in group}
     current = model.state_dict(keep_vars=True)
     chosen: dict[str, tuple[torch.Tensor, str]] = {}
     seen: list[str] = []
@@ -663,7 +710,7 @@ def assemble(
             chosen[name] = (tensor, origin)
     mismatched = {m.key for m in report.mismatched}
     for name in keys:
-        if name in chosen or name in mismatched:
+        if name in chosen or name in mismatched or any(t in chosen for t in twins.get(name, ())):
             continue
         why = allowed_missing.get(parameter_kind(name))
         if why is None:
@@ -681,7 +728,13 @@ def assemble(
     for name in report.initialised:
         value = initial_value(name, current[keys[name]].shape, model.config)
         staged[keys[name]] = value.to(device=device, dtype=dtype or value.dtype)
+    for group in groups:
+        source = next(name for name in group if keys[name] in staged)
+        for name in group:
+            staged[keys[name]] = staged[keys[source]]
+            report.loaded.setdefault(name, f"tied to {source}")
     model.load_state_dict(staged, strict=True, assign=True)
+    _retie(model, keys, groups)
     rebuild_buffers(model, device)
     check_materialised(model)
     return report
@@ -724,7 +777,8 @@ def rebuild_buffers(model: nn.Module, device: str | torch.device) -> None:
             continue
         for name in metas:
             if name != "position_ids":
-                raise WeightLoadError(f"buffer {module_name}.{name} has no value after loading and no known way to compute it")
+                where = f"{module_name}.{name}" if module_name else name
+                raise WeightLoadError(f"buffer {where} has no value after loading and no known way to compute it")
             shape = module._buffers[name].shape
             module._buffers[name] = torch.arange(shape[-1], device=device).expand(shape)
 
@@ -868,7 +922,9 @@ def lavis_parts(
         blip2 = _fuse_eva_qv_bias(blip2, "visual_encoder.")
         rules += _prefixed(r"visual_encoder\.", _eva_rules_for(config))
     else:
-        raise WeightLoadError(f"{blip2_lavis} holds no ViT (visual_encoder.*): also give the EVA-ViT-g file (eva_vit_g.pth)")
+        raise WeightLoadError(
+            f"{blip2_lavis} holds no ViT (visual_encoder.*): also give the EVA-ViT-g file (eva_vit_g.pth)"
+        )
     parts.append(apply_rules(blip2, rules, str(blip2_lavis)))
     for part in parts:
         _fit_position_embedding(part, config)
@@ -966,14 +1022,18 @@ class Ingredients:
         return {k: v for k, v in self.__dict__.items() if v not in (None, {})}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Ingredients":
+    def from_dict(cls, data: Mapping[str, Any]) -> Ingredients:
         return cls(**data)
 
-    def frozen_only(self) -> "Ingredients":
+    def frozen_only(self) -> Ingredients:
         """Just the sources of the frozen parts (what a trainable-only save refers to)."""
-        return Ingredients(self.language, self.blip2, self.eva_vit, self.blip2_lavis, sha256={
-            k: v for k, v in self.sha256.items() if k in ("eva_vit", "blip2_lavis")
-        })
+        return Ingredients(
+            self.language,
+            self.blip2,
+            self.eva_vit,
+            self.blip2_lavis,
+            sha256={k: v for k, v in self.sha256.items() if k in ("eva_vit", "blip2_lavis")},
+        )
 
 
 def _ingredient_parts(
@@ -990,7 +1050,9 @@ def _ingredient_parts(
     if unknown:
         raise ValueError(f"sha256 given for {sorted(unknown)}; file ingredients are {', '.join(Ingredients.FILES)}")
     if ingredients.blip2 and (ingredients.blip2_lavis or ingredients.eva_vit):
-        raise ValueError("give the vision side once: blip2 (a Hugging Face BLIP-2 directory) or blip2_lavis (+ eva_vit)")
+        raise ValueError(
+            "give the vision side once: blip2 (a Hugging Face BLIP-2 directory) or blip2_lavis (+ eva_vit)"
+        )
     if not (ingredients.blip2 or ingredients.blip2_lavis):
         raise ValueError(
             "no vision source: give blip2 (a Hugging Face BLIP-2 directory or hub id) or blip2_lavis "
@@ -999,9 +1061,13 @@ def _ingredient_parts(
     lm_dir = resolve_dir(ingredients.language, offline=offline, relative_to=relative_to)
     parts = [language_model_part(lm_dir, config, device)]
     if ingredients.blip2:
-        parts.append(hf_blip2_part(resolve_dir(ingredients.blip2, offline=offline, relative_to=relative_to), config, device))
+        parts.append(
+            hf_blip2_part(resolve_dir(ingredients.blip2, offline=offline, relative_to=relative_to), config, device)
+        )
     else:
-        eva = resolve_file(ingredients.eva_vit, offline=offline, relative_to=relative_to) if ingredients.eva_vit else None
+        eva = (
+            resolve_file(ingredients.eva_vit, offline=offline, relative_to=relative_to) if ingredients.eva_vit else None
+        )
         blip2 = resolve_file(ingredients.blip2_lavis, offline=offline, relative_to=relative_to)
         parts += lavis_parts(config, blip2, eva, ingredients.sha256, device)
     return parts, lm_dir
@@ -1041,7 +1107,9 @@ def load_ingredients(
         del allowed["vision_proj"]
     if ingredients.stage_checkpoint:
         path = resolve_file(ingredients.stage_checkpoint, offline=offline)
-        part, stage = released_checkpoint_part(path, model, ingredients.stage, ingredients.sha256.get("stage_checkpoint"), device)
+        part, stage = released_checkpoint_part(
+            path, model, ingredients.stage, ingredients.sha256.get("stage_checkpoint"), device
+        )
         parts.append(part)
         allowed = {"lora": "stage 1 trains no LoRA (paper): new LoRA, B zero"} if stage == 1 else {}
     report = assemble(model, parts, allowed, device, dtype)
@@ -1049,7 +1117,9 @@ def load_ingredients(
     return model.eval(), report
 
 
-def load_released_checkpoint(model: nn.Module, path: str | Path, stage: int | None = None, sha256: str | None = None) -> LoadReport:
+def load_released_checkpoint(
+    model: nn.Module, path: str | Path, stage: int | None = None, sha256: str | None = None
+) -> LoadReport:
     """Copy the authors' stage checkpoint into an already loaded ``model`` (e.g. to start stage 2
     from their stage 1). Shapes are checked; the model's parameters keep their identity."""
     from ..hub import resolve_file
@@ -1101,14 +1171,8 @@ def _reference(value: str, directory: Path) -> str:
     """A local path as seen from ``directory`` (so the pair can move together); a hub id as is."""
     path = Path(value).expanduser()
     if path.exists():
-        return Path(_relpath(path.resolve(), directory.resolve())).as_posix()
+        return Path(os.path.relpath(path.resolve(), directory.resolve())).as_posix()
     return value
-
-
-def _relpath(path: Path, start: Path) -> str:
-    import os
-
-    return os.path.relpath(path, start)
 
 
 def _base_reference(base: Any, directory: Path) -> dict[str, Any]:
@@ -1160,7 +1224,9 @@ def save_pretrained(
     # Both kinds clean their own shards only; a stale file of the other kind would confuse readers.
     for stale in [*directory.glob("model*.safetensors*"), *directory.glob("trainable*.safetensors*")]:
         stale.unlink()
-    save_torch_state_dict(state, directory, filename_pattern=pattern, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    save_torch_state_dict(
+        state, directory, filename_pattern=pattern, max_shard_size=max_shard_size, metadata={"format": "pt"}
+    )
     files = sorted(p.name for p in directory.glob(pattern.format(suffix="*")) if p.suffix == ".safetensors")
     meta["files"] = {name: file_sha256(directory / name) for name in files}
     meta["config"] = model.config.to_dict()
@@ -1175,11 +1241,13 @@ def read_pretrained_meta(directory: Path) -> dict[str, Any]:
     meta = read_json(directory / CONFIG_FILE)
     if meta.get("format") != FORMAT_NAME:
         raise WeightLoadError(
-            f"{directory} is not a TinyGPT-V directory (config.json has no \"format\": \"{FORMAT_NAME}\"); "
+            f'{directory} is not a TinyGPT-V directory (config.json has no "format": "{FORMAT_NAME}"); '
             "for public checkpoints use TinyGPTV.from_ingredients or `tinygptv convert`"
         )
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise WeightLoadError(f"{directory} uses format version {meta['format_version']}; this tinygptv reads up to {FORMAT_VERSION}")
+        raise WeightLoadError(
+            f"{directory} uses format version {meta['format_version']}; this tinygptv reads up to {FORMAT_VERSION}"
+        )
     return meta
 
 
@@ -1220,7 +1288,7 @@ def _pretrained_parts(
         ingredients = Ingredients.from_dict(base["ingredients"])
         parts, _ = _ingredient_parts(ingredients, config, device, offline, relative_to=directory)
     else:
-        raise WeightLoadError(f"{directory}/config.json: a trainable-only save without a \"base\" reference")
+        raise WeightLoadError(f'{directory}/config.json: a trainable-only save without a "base" reference')
     return [*parts, own], list(own.tensors)
 
 
@@ -1263,6 +1331,7 @@ def load_pretrained(
 def _absolute_base(meta: Mapping[str, Any], directory: Path, spec: str) -> dict[str, Any]:
     """Where a loaded model's frozen parts come from, with local paths made absolute, so that
     saving it trainable-only anywhere else still finds them."""
+
     def absolute(ref: str) -> str:
         local = directory / ref
         return str(local.resolve()) if local.exists() else ref
@@ -1272,7 +1341,11 @@ def _absolute_base(meta: Mapping[str, Any], directory: Path, spec: str) -> dict[
     base = meta["base"]
     if "pretrained" in base:
         return {"pretrained": absolute(base["pretrained"])}
-    return {"ingredients": {k: absolute(v) if isinstance(v, str) and k != "stage" else v for k, v in base["ingredients"].items()}}
+    return {
+        "ingredients": {
+            k: absolute(v) if isinstance(v, str) and k != "stage" else v for k, v in base["ingredients"].items()
+        }
+    }
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
