@@ -388,6 +388,20 @@ def test_phi_directory_every_layout(ref, files, tmp_path, layout, file):
     assert torch.isfinite(model(**batch(model)).loss)
 
 
+def test_phi15_directory(tmp_path):
+    """Phi-1.5 shares Phi-2's layout; its rotary covers half of each head (0.5 instead of 0.4)."""
+    config = tiny(**{"language.partial_rotary_factor": 0.5})
+    ref = reference_model(config)
+    lm_dir = write_phi_dir(ref, tmp_path / "phi-1_5")
+    model = TinyGPTV.from_ingredients(
+        config, Ingredients(language=str(lm_dir), blip2=str(write_hf_blip2_dir(ref, tmp_path / "blip2")))
+    )
+    expected, got = canonical_state(ref), canonical_state(model)
+    for key in pretrained_lm_keys(expected):
+        assert torch.equal(got[key], expected[key]), key
+    assert model.lm.model.rotary_emb.inv_freq.numel() == ref.config.language.head_dim // 4  # 10 of 20 dims, in pairs
+
+
 def test_tinyllama_directory(tmp_path, files):
     ref = reference_model(tiny_llama())
     lm_dir = write_llama_dir(ref, tmp_path / "tinyllama")

@@ -1376,5 +1376,6 @@ __all__ = [
     "merge_lora",
     "read_checkpoint",
     "save_pretrained",
+    "trainable_keys",
     "verify_sha256",
 ]
