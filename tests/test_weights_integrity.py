@@ -62,7 +62,9 @@ def test_wrong_vocab_size_names_the_phi2_revision(good, tmp_path):
 
 def test_stage1_checkpoint_without_lora_for_a_stage4_model(ref, good, tmp_path):
     stage = write_stage(ref, tmp_path / "TinyGPT-V_for_Stage1.pth", lora=False)
-    with pytest.raises(WeightLoadError, match="stage-1 checkpoint has no LoRA weights but a stage-4 model was requested"):
+    with pytest.raises(
+        WeightLoadError, match="stage-1 checkpoint has no LoRA weights but a stage-4 model was requested"
+    ):
         load(language=good["phi"], blip2=good["blip2"], stage_checkpoint=str(stage), stage=4)
 
 
@@ -77,13 +79,17 @@ def test_stage_checkpoint_lacking_a_trained_norm(ref, good, tmp_path):
     state = torch.load(path, weights_only=True)
     del state["model"]["llama_model.base_model.model.model.layers.1.post_layernorm.weight"]
     torch.save(state, path)
-    with pytest.raises(WeightLoadError, match=r"lacks 1 tensors that train in stage 2(.|\n)*layers.1.post_attention_norm"):
+    with pytest.raises(
+        WeightLoadError, match=r"lacks 1 tensors that train in stage 2(.|\n)*layers.1.post_attention_norm"
+    ):
         load(language=good["phi"], blip2=good["blip2"], stage_checkpoint=str(path))
 
 
 def test_missing_tensor_in_a_source(ref, good, tmp_path):
     blip2 = write_hf_blip2_dir(ref, tmp_path / "blip2", drop=("qformer.encoder.layer.1.output_query.dense.weight",))
-    with pytest.raises(WeightLoadError, match=r"1 missing(.|\n)*missing: qformer.model.encoder.layer.1.output_query.dense.weight"):
+    with pytest.raises(
+        WeightLoadError, match=r"1 missing(.|\n)*missing: qformer.model.encoder.layer.1.output_query.dense.weight"
+    ):
         load(language=good["phi"], blip2=str(blip2))
 
 
@@ -91,7 +97,9 @@ def test_unknown_key_in_a_source(ref, good, tmp_path):
     state = blip2_lavis_state(ref, visual_encoder=True)
     state["Qformer.bert.pooler.dense.weight"] = torch.randn(4, 4)
     path = save_torch({"model": state}, tmp_path / "blip2.pth")
-    with pytest.raises(WeightLoadError, match=r"1 unexpected(.|\n)*unexpected: .*blip2.pth: Qformer.bert.pooler.dense.weight"):
+    with pytest.raises(
+        WeightLoadError, match=r"1 unexpected(.|\n)*unexpected: .*blip2.pth: Qformer.bert.pooler.dense.weight"
+    ):
         load(language=good["phi"], blip2_lavis=str(path))
 
 
@@ -130,7 +138,9 @@ def test_config_json_disagrees_on_rotary(ref, good, tmp_path):
 
 def test_llama_weights_for_a_phi_config(good, tmp_path):
     lm = write_llama_dir(reference_model(tiny_llama()), tmp_path / "tinyllama")
-    with pytest.raises(WeightLoadError, match="does not hold a phi language model .*look like: llama.*tinygptv-tinyllama"):
+    with pytest.raises(
+        WeightLoadError, match="does not hold a phi language model .*look like: llama.*tinygptv-tinyllama"
+    ):
         load(language=str(lm), blip2=good["blip2"])
 
 
@@ -154,7 +164,9 @@ def test_sha256_mismatch(ref, good, tmp_path):
     right = file_sha256(stage)
     load(language=good["phi"], blip2=good["blip2"], stage_checkpoint=str(stage), sha256={"stage_checkpoint": right})
     with pytest.raises(WeightLoadError, match="sha256 .* does not match the expected 0000"):
-        load(language=good["phi"], blip2=good["blip2"], stage_checkpoint=str(stage), sha256={"stage_checkpoint": "0000"})
+        load(
+            language=good["phi"], blip2=good["blip2"], stage_checkpoint=str(stage), sha256={"stage_checkpoint": "0000"}
+        )
 
 
 def test_pickled_objects_are_refused(good, tmp_path):

@@ -31,7 +31,9 @@ def _cache_dir() -> str | None:
 
 def _local(spec: str | Path, relative_to: Path | None) -> Path | None:
     """The local path ``spec`` names, trying ``relative_to`` first (references saved in a directory)."""
-    candidates = [(Path(relative_to) / spec).resolve()] if relative_to is not None and not Path(spec).is_absolute() else []
+    candidates = (
+        [(Path(relative_to) / spec).resolve()] if relative_to is not None and not Path(spec).is_absolute() else []
+    )
     candidates.append(Path(spec).expanduser())
     return next((p for p in candidates if p.exists()), None)
 

@@ -32,12 +32,23 @@ def register(subparsers) -> None:
     p.add_argument("--blip2-lavis", help="LAVIS blip2_pretrained_flant5xxl.pth (ln_vision, Q-Former, query tokens)")
     p.add_argument("--minigpt4", help="pretrained_minigpt4*.pth: starts the first projection (paper, stage 1)")
     p.add_argument("--stage-checkpoint", help="the authors' TinyGPT-V_for_Stage{1,2,3,4}.pth")
-    p.add_argument("--stage", type=int, choices=(1, 2, 3, 4), help="the stage the model is for (default: from the file name)")
-    p.add_argument("--trainable-only", action="store_true", help="write only the trainable tensors, referring to the ingredients for the rest")
+    p.add_argument(
+        "--stage", type=int, choices=(1, 2, 3, 4), help="the stage the model is for (default: from the file name)"
+    )
+    p.add_argument(
+        "--trainable-only",
+        action="store_true",
+        help="write only the trainable tensors, referring to the ingredients for the rest",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the written weights (default float32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX",
-                   help="expected sha256 of a file ingredient (eva_vit, blip2_lavis, minigpt4, stage_checkpoint); repeatable")
+    p.add_argument(
+        "--sha256",
+        action="append",
+        default=[],
+        metavar="NAME=HEX",
+        help="expected sha256 of a file ingredient (eva_vit, blip2_lavis, minigpt4, stage_checkpoint); repeatable",
+    )
     p.add_argument("--offline", action="store_true", help="use only the Hugging Face cache (like HF_HUB_OFFLINE=1)")
     p.set_defaults(func=run)
 
@@ -86,11 +97,15 @@ def run(args) -> int:
         stage=args.stage,
         sha256=_sha256(args.sha256),
     )
-    model = TinyGPTV.from_ingredients(config, ingredients, dtype=getattr(torch, args.dtype), offline=args.offline or None)
+    model = TinyGPTV.from_ingredients(
+        config, ingredients, dtype=getattr(torch, args.dtype), offline=args.offline or None
+    )
     print(f"{config.name}: assembled from public weights")
     print(model.load_report.summary())
     base = ingredients.frozen_only() if args.trainable_only else None
-    out = model.save_pretrained(args.out, trainable_only=args.trainable_only, base=base, max_shard_size=args.max_shard_size)
+    out = model.save_pretrained(
+        args.out, trainable_only=args.trainable_only, base=base, max_shard_size=args.max_shard_size
+    )
     kind = "trainable-only (frozen parts referenced)" if args.trainable_only else "full"
     print(f"wrote {kind} weights to {out}")
     return 0
