@@ -105,3 +105,13 @@ def test_unmerged_lora_is_refused():
         quantize_language_model(model, "int8")
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         quantize_linear_layers(nn.Sequential(nn.Linear(4, 4)), ["0"], "int3")
+
+
+@pytest.mark.parametrize("k,n", [(40, 24), (48, 40), (64, 64)])
+def test_widths_outside_the_kernels_constraints_fall_back_correctly(k, n):
+    layer = _linear(k=k, n=n)
+    for q in (Int8Linear.from_linear(layer), Int4Linear.from_linear(layer, group_size=int4_group_size(k) if k % 32 == 0 else 8)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, k).to(dtype)
+            expected = x.float() @ q.dequantize().t() + layer.bias
+            assert ((q(x).float() - expected).norm() / expected.norm()) < (1e-5 if dtype == torch.float32 else 2e-2)

@@ -1,21 +1,17 @@
-"""Inference speed and memory at real TinyGPT-V size (random weights) on this machine.
-
-    python benchmarks/bench_inference.py                         # tinygptv-phi2: bf16, int8, int4 + baseline
-    python benchmarks/bench_inference.py --modes bf16 int4 --new-tokens 64
-    python benchmarks/bench_inference.py --preset tinygptv-micro --modes fp32 int8   # quick check
+"""Inference speed and memory of a preset at real size with random weights (``tinygptv bench``).
 
 Speed and memory do not depend on weight values, so each precision runs in its own child process
 (its own peak RSS) on a model materialised with random values one layer at a time; quantized modes
 quantize each decoder layer as soon as it exists, so the peak is the final model plus one layer.
-Printed per precision: image-encode time, TTFT (encode + prefill of 32 image + N text tokens),
-decode tokens/s of our KV-cached loop, and peak RSS. In the same run: the baseline, plain
-transformers ``generate`` with ``inputs_embeds`` on the bf16 model, and the memory-bandwidth limit:
+Measured per precision: image-encode time, TTFT (encode + prefill of the image's 32 tokens + N text
+tokens), decode tokens/s of our KV-cached loop, and peak RSS (of a process that holds only that
+model). In the same run: the baseline, plain transformers ``generate`` with ``inputs_embeds`` on the
+bf16 model (in a child process, so it does not inflate the peak), and the memory-bandwidth limit:
 measured read bandwidth / bytes of LM weights read per decoded token.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -101,7 +97,9 @@ def read_bandwidth_gbs() -> float:
     return x.numel() * 2 / best / 1e9
 
 
-def child(preset: str, mode: str, new_tokens: int, text_tokens: int, baseline: bool) -> dict:
+def measure(preset: str, mode: str, new_tokens: int = 32, text_tokens: int = 40, baseline: bool = False) -> dict:
+    """Build ``preset`` in ``mode`` in this process and time it; with ``baseline`` also time
+    transformers' ``generate`` on the same model."""
     import torch
 
     from tinygptv.data.encoding import IMAGE_TOKEN_ID
@@ -149,54 +147,51 @@ def child(preset: str, mode: str, new_tokens: int, text_tokens: int, baseline: b
 
             hf(2)
             t1, tn = hf(1), hf(new_tokens)
-            result["baseline_hf_generate_decode_tok_s"] = round((new_tokens - 1) / (tn - t1), 2)
-            result["baseline_hf_generate_ttft_s"] = round(t1 + result["encode_s"], 3)
+            result["baseline_decode_tok_s"] = round((new_tokens - 1) / (tn - t1), 2)
+            result["baseline_ttft_s"] = round(t1 + result["encode_s"], 3)
     result["lm_gb_per_token"] = round(lm_bytes_per_token(model) / 1e9, 3)
     result["peak_rss_gb"] = round(peak_rss_gb(), 2)
     return result
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tinygptv-phi2")
-    p.add_argument("--modes", nargs="+", default=["bf16", "int8", "int4"], choices=MODES)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--text-tokens", type=int, default=40)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.threads:
-        import torch
+def run_baseline(preset: str, new_tokens: int, text_tokens: int, threads: int | None) -> dict:
+    """The bf16 model with transformers' ``generate``, measured in a child process."""
+    code = "import json, torch; from tinygptv.bench import measure; "
+    if threads:
+        code += f"torch.set_num_threads({threads}); "
+    code += f"print(json.dumps(measure({preset!r}, 'bf16', {new_tokens}, {text_tokens}, baseline=True)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the bf16 baseline failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-        torch.set_num_threads(args.threads)
-    if args.child:
-        print(json.dumps(child(args.preset, args.child, args.new_tokens, args.text_tokens, args.child == "bf16")))
-        return
+
+def bench(preset: str, quantize: str | None, new_tokens: int = 32, text_tokens: int = 40, threads: int | None = None) -> dict:
+    """One precision (``quantize`` None = bf16) measured in this process, plus the baseline and
+    the bandwidth limit; the JSON object ``tinygptv bench --json`` prints."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+    mode = quantize or "bf16"  # "fp32" runs everything in float32
+    base = run_baseline(preset, new_tokens, text_tokens, threads)
     bandwidth = read_bandwidth_gbs()
-    print(f"{args.preset}: torch {torch.__version__}, {torch.get_num_threads()} threads, read bandwidth {bandwidth:.1f} GB/s")
-    rows = []
-    for mode in args.modes:
-        cmd = [sys.executable, __file__, "--preset", args.preset, "--child", mode, "--new-tokens", str(args.new_tokens),
-               "--text-tokens", str(args.text_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{mode}: failed\n{out.stderr[-2000:]}")
-            continue
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        row["limit_tok_s"] = round(bandwidth / row["lm_gb_per_token"], 1)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print()
-    print("| precision | encode s | TTFT s | decode tok/s | bandwidth limit tok/s | peak RSS GB |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['encode_s']} | {r['ttft_s']} | {r['decode_tok_s']} | {r['limit_tok_s']} | {r['peak_rss_gb']} |")
-        if "baseline_hf_generate_decode_tok_s" in r:
-            print(f"| baseline: transformers generate, {r['mode']} | {r['encode_s']} | {r['baseline_hf_generate_ttft_s']} | "
-                  f"{r['baseline_hf_generate_decode_tok_s']} | {r['limit_tok_s']} | (same process) |")
-
-
-if __name__ == "__main__":
-    main()
+    row = measure(preset, mode, new_tokens, text_tokens)
+    return {
+        "preset": preset,
+        "quantize": quantize,
+        "dtype": "float32" if mode == "fp32" else "bfloat16",
+        "threads": torch.get_num_threads(),
+        "encode_s": row["encode_s"],
+        "prefill_s": row["prefill_s"],
+        "ttft_s": row["ttft_s"],
+        "decode_tok_s": row["decode_tok_s"],
+        "peak_rss_gb": row["peak_rss_gb"],
+        "baseline_decode_tok_s": base["baseline_decode_tok_s"],
+        "baseline_ttft_s": base["baseline_ttft_s"],
+        "baseline_peak_rss_gb": base["peak_rss_gb"],
+        "bandwidth_gbs": round(bandwidth, 1),
+        "lm_gb_per_token": row["lm_gb_per_token"],
+        "limit_decode_tok_s": round(bandwidth / row["lm_gb_per_token"], 1),
+        "speedup_vs_baseline": round(row["decode_tok_s"] / base["baseline_decode_tok_s"], 2),
+    }

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tinygptv.commands.info",
     "tinygptv.commands.ask",
     "tinygptv.commands.chat",
+    "tinygptv.commands.bench",
     "tinygptv.commands.data",
     "tinygptv.commands.convert",
     "tinygptv.commands.train",

@@ -16,7 +16,8 @@ Formats (what :func:`quantize_linear_layers` stores, and what a saved quantized 
   ``q`` in [0, 15], two values per byte (even input index in the low nibble). The CPU kernel's own
   packed layout is derived from it on first use and never saved, so files are portable.
 
-Off the CPU these modules run through a dequantize-then-matmul path: correct, not fast.
+Off the CPU, and for widths the CPU kernels do not take (int8: in_features not a multiple of 16;
+int4: out_features not a multiple of 16), these modules dequantize and matmul: correct, not fast.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x.device.type == "cpu":
+        # The kernel needs in_features % 16 == 0 (other widths crash in bf16, seen with torch 2.13).
+        if x.device.type == "cpu" and self.in_features % 16 == 0:
             out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
         else:
             out = F.linear(x2, self.dequantize().to(x.dtype))
@@ -126,7 +128,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's packing needs N % 16 == 0
             packed, scales_zeros = self._cpu_weights(x.dtype)
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
         else:
