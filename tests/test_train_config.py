@@ -16,7 +16,7 @@ PAPER = {
     1: (17, 1000, 64, "epoch_ramp", 1e-5, 1e-4, None, 0),
     2: (4, 5000, 64, "warmup_cosine", 1e-6, 1e-4, 8e-5, 5000),
     3: (5, 200, 6, "warmup_cosine", 1e-6, 3e-5, 1e-5, 200),
-    4: (50, 1000, 3, "warmup_cosine", 1e-6, 1e-5, 8e-6, 1000),  # min 8e-6: the 8e-5 typo resolved
+    4: (50, 1000, 2, "warmup_cosine", 1e-6, 1e-5, 8e-6, 1000),  # min 8e-6: the 8e-5 typo resolved
 }
 
 
@@ -44,12 +44,21 @@ def test_phi2_recipe_matches_the_paper(stage):
 
 
 def test_phi2_data_mixes():
+    from tinygptv.data.readers import READERS
+    from tinygptv.train import _path_arguments
+
     stage1 = load_train_config(CONFIGS / "stage1.yaml").data.datasets
     assert {k: v.ratio for k, v in stage1.items()} == {"laion": 115, "cc_sbu": 14}
     stage4 = load_train_config(CONFIGS / "stage4.yaml")
     assert stage4.data.max_length == 1024 and stage4.gradient_checkpointing
-    assert {v.batch_size for v in stage4.data.datasets.values()} == {1, 2, 3}
+    assert len(stage4.data.datasets) == 20 and sum(e.ratio for e in stage4.data.datasets.values()) == 690
     assert load_train_config(CONFIGS / "stage3.yaml").data.max_length == 160
+    for n in (1, 2, 3, 4):
+        for name, entry in load_train_config(CONFIGS / f"stage{n}.yaml").data.datasets.items():
+            reader = READERS[entry.reader or name]  # every dataset names a reader that exists
+            paths = _path_arguments(reader)
+            assert paths & set(entry.args), (n, name)  # and gives it a path ...
+            assert not any(str(entry.args[k]).startswith("/") for k in paths & set(entry.args))  # ... a relative one
 
 
 def test_overrides_and_coercion(tmp_path):

@@ -48,7 +48,7 @@ from .data.encoding import collate, encode_prompt
 from .model.tinygptv import TinyGPTV
 from .schedules import Schedule, lambda_lr
 from .stages import Stage, apply_stage, get_stage, trainable_parameter_names
-from .train_config import TrainConfig
+from .train_config import MixEntry, TrainConfig
 from .train_log import MetricsLog, plot_run
 
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
@@ -64,7 +64,7 @@ Batch = dict[str, torch.Tensor]
 
 
 class DataStream(Protocol):
-    """An endless iterator of this process's micro-batches, with a resumable position.
+    """An endless iterable of this process's micro-batches, with a resumable position.
 
     A batch holds exactly :meth:`TinyGPTV.forward`'s arguments: ``input_ids``, ``attention_mask``
     and ``labels`` (B, T), and ``pixel_values`` (N, 3, S, S) when the batch has images.
@@ -73,8 +73,6 @@ class DataStream(Protocol):
     """
 
     def __iter__(self) -> Iterator[Batch]: ...
-
-    def __next__(self) -> Batch: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -143,24 +141,92 @@ class RandomCaptionStream:
 def build_stream(config: TrainConfig, model: TinyGPTV, rank: int, world_size: int, split: str = "train") -> DataStream:
     """The one place where a config's ``data`` section becomes this process's stream of micro-batches.
 
-    ``synthetic`` is :class:`RandomCaptionStream`. Dataset readers (the paper's mixes, the shapes
-    world of :mod:`tinygptv.data`) plug in here by ``data.kind``: each returns an object with the
-    :class:`DataStream` protocol, reads paths under ``data.root``, samples ``data.datasets`` by
-    ratio, and serves rank ``rank`` of ``world_size`` its share.
+    ``synthetic`` is :class:`RandomCaptionStream`. ``shapes`` and ``mix`` are sources of
+    :mod:`tinygptv.data` sampled by ratio (:class:`~tinygptv.data.mixture.Mixture`), prepared with
+    the stage's template and image processing, and loaded by a
+    :class:`~tinygptv.data.mixture.MixtureLoader` that serves rank ``rank`` of ``world_size`` its
+    draws and resumes from its ``state_dict``.
     """
     data = config.data
+    train = split == "train"
+    seed = config.seed if train else config.seed + 1
     if data.kind == "synthetic":
+        size = model.config.vision.image_size
+        micro = micro_batch_size(config, world_size)
         return RandomCaptionStream(
-            model.tokenizer,
-            model.num_image_tokens,
-            model.config.vision.image_size,
-            micro_batch_size(config, world_size),
-            rank=rank,
-            world_size=world_size,
-            num_samples=data.num_samples,
-            seed=config.seed if split == "train" else config.seed + 1,
+            model.tokenizer, model.num_image_tokens, size, micro, rank, world_size, data.num_samples, seed
         )
-    raise ValueError(f"unknown data.kind {data.kind!r}; this version reads: synthetic")
+    from .data.mixture import Mixture, MixtureLoader
+
+    if data.kind == "shapes":
+        from .data.shapes import shapes_sources
+
+        if data.root is None:
+            raise ValueError("data.kind shapes needs data.root: a world made by `tinygptv data make-shapes`")
+        sources, ratios = shapes_sources(data.root, config.stage, split="train" if train else "val")
+    elif data.kind == "mix":
+        entries = data.datasets if train else data.val_datasets
+        if not entries:
+            raise ValueError(f"data.{'datasets' if train else 'val_datasets'} is empty: nothing to read")
+        sources = {name: build_reader(name, entry, data.root) for name, entry in entries.items()}
+        ratios = {name: entry.ratio for name, entry in entries.items()}
+    else:
+        raise ValueError(f"unknown data.kind {data.kind!r}; known: synthetic, shapes, mix")
+    return MixtureLoader(
+        Mixture(sources, ratios, seed=seed),
+        collator_for(config, model, train),
+        batch_size=micro_batch_size(config, world_size),
+        num_workers=data.num_workers,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def collator_for(config: TrainConfig, model: TinyGPTV, train: bool):
+    """Samples -> batches: the stage's template (or ``data.template``), BLIP-2 image processing at
+    the model's size (random crops when training), texts cut at ``data.max_length``."""
+    from .data.batching import Collator
+    from .data.image_processing import image_processor_for
+    from .data.templates import get_template, template_for_stage
+
+    data = config.data
+    template = get_template(data.template) if data.template else template_for_stage(config.stage)
+    if data.max_length is None:
+        max_length = model.config.language.max_position_embeddings
+    else:
+        max_length = data.max_length + model.num_image_tokens  # the collator counts the image's slots too
+    processor = image_processor_for(model.config.vision.image_size, train=train)
+    return Collator(model.tokenizer, template, processor, model.num_image_tokens, max_length, truncate=True)
+
+
+def build_reader(name: str, entry: MixEntry, root: str | None):
+    """The reader of one dataset of a mix; the arguments it types as paths are taken under ``root``."""
+    from .data.readers import READERS, build_source
+
+    kind = entry.reader or name
+    if kind not in READERS:
+        raise ValueError(f"dataset {name!r}: unknown reader {kind!r}; readers: {', '.join(sorted(READERS))}")
+    args = {"name": name, **entry.args}
+    for key in _path_arguments(READERS[kind]) & set(args):
+        args[key] = _under(root, args[key])
+    return build_source(kind, **args)
+
+
+def _path_arguments(cls: type) -> set[str]:
+    """Constructor arguments that ``cls`` (or a base class) annotates as a ``Path``."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        names.update(k for k, v in getattr(init, "__annotations__", {}).items() if "Path" in str(v))
+    return names
+
+
+def _under(root: str | None, value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_under(root, v) for v in value]
+    if root is None or not isinstance(value, str) or os.path.isabs(value) or "://" in value or value.startswith("pipe:"):
+        return value  # absolute, remote (webdataset reads URLs) or nothing to join
+    return os.path.join(root, value)
 
 
 def micro_batch_size(config: TrainConfig, world_size: int) -> int:
@@ -219,6 +285,8 @@ class Run:
     small_grad_steps: int = 0
     """Consecutive steps whose gradient norm was below ``guard.vanishing_grad_norm``."""
     last_checkpoint_step: int | None = None
+    batches: Iterator[Batch] | None = None
+    """``iter(stream)``, opened at the first step (after a resume has moved the stream)."""
 
     def autocast(self):
         dtype = DTYPES[self.config.precision]
@@ -494,9 +562,11 @@ def fit(run: Run) -> None:
 def train_step(run: Run) -> StepResult:
     """One optimizer step over ``accum_steps`` micro-batches per process, guarded."""
     lr = run.optimizer.param_groups[0]["lr"]
+    if run.batches is None:
+        run.batches = iter(run.stream)
     totals = torch.zeros(3, device=run.dist.device)  # loss sum, micro-batches, samples
     for micro in range(run.accum_steps):
-        batch = {k: v.to(run.dist.device, non_blocking=True) for k, v in next(run.stream).items()}
+        batch = {k: v.to(run.dist.device, non_blocking=True) for k, v in next(run.batches).items()}
         with grad_sync(run.model, micro == run.accum_steps - 1):
             with run.autocast():
                 loss = run.model(**batch).loss
@@ -578,7 +648,7 @@ def validate(run: Run) -> float:
     """Mean loss over ``data.val_batches`` held-out micro-batches, shared out among the processes
     (the same batches at every epoch and for any number of processes)."""
     env = run.dist
-    stream = build_stream(run.config, run.module, env.rank, env.world_size, split="val")
+    stream = iter(build_stream(run.config, run.module, env.rank, env.world_size, split="val"))
     run.module.eval()
     totals = torch.zeros(2, device=env.device)
     for _ in range(env.rank, run.config.data.val_batches, env.world_size):
@@ -769,4 +839,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             plot_run(run.out_dir)
     finally:
         run.log.close()
+        if hasattr(run.stream, "close"):
+            run.stream.close()  # data-loading workers
     return run.out_dir

@@ -21,29 +21,38 @@ import yaml
 
 @dataclass
 class MixEntry:
-    """One dataset of a stage's data mix."""
+    """One dataset of a stage's data mix, read by one of :mod:`tinygptv.data.readers`."""
 
     ratio: float = 1.0
     """Sampling weight against the other datasets of the mix (e.g. LAION : CC+SBU = 115 : 14)."""
-    batch_size: int | None = None
-    """Samples per micro-batch drawn from this dataset (stage 4 gives each set its own, MiniGPT-v2
-    style); ``None`` means the run's ``micro_batch_size``."""
+    reader: str | None = None
+    """Reader kind (a key of ``tinygptv.data.readers.READERS``); ``None`` means the dataset's name."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """The reader's arguments. Those the reader types as paths are relative to ``data.root``."""
 
 
 @dataclass
 class DataConfig:
     """Where the batches come from. :func:`tinygptv.train.build_stream` turns this into a stream."""
 
-    kind: str = "synthetic"
-    """``synthetic``: random captions of random pixels, held in memory (tests, smoke runs). Readers of
-    real datasets are added by name in :func:`tinygptv.train.build_stream`."""
+    kind: Literal["synthetic", "shapes", "mix"] = "synthetic"
+    """``synthetic``: random captions of random pixels, in memory (tests, smoke runs); ``shapes``:
+    the stage's sets of the shapes world at ``root`` (``tinygptv data make-shapes``); ``mix``: the
+    ``datasets`` below, sampled by ratio."""
     root: str | None = None
-    """Directory that every dataset path is relative to; set on the command line (``data.root=...``)
+    """Directory that dataset paths are relative to; set on the command line (``data.root=...``)
     so that config files never hold absolute paths."""
     datasets: dict[str, MixEntry] = field(default_factory=dict)
-    """The stage's data mix: dataset name -> ratio (and per-set batch size)."""
+    """``mix``: the stage's data mix, dataset name -> ratio, reader and its arguments."""
+    val_datasets: dict[str, MixEntry] = field(default_factory=dict)
+    """``mix``: held-out datasets that ``validate`` scores (needed when ``val_batches`` > 0)."""
+    template: str | None = None
+    """Prompt template (:mod:`tinygptv.data.templates`); ``None`` means the stage's."""
     max_length: int | None = None
-    """Longest text in tokens, image slots excluded (paper: 160 in stage 3, 1024 in stage 4)."""
+    """Longest text in tokens, the image's slots not counted (paper: 160 in stage 3, 1024 in
+    stage 4); longer samples are cut, as the authors' ``max_txt_len`` does. ``None``: the context."""
+    num_workers: int = 0
+    """Data-loading worker processes per training process."""
     num_samples: int = 256
     """``synthetic`` only: distinct samples before the stream repeats."""
     val_batches: int = 0

@@ -43,6 +43,7 @@ def stage_files(config: str, stages: str | None) -> list[tuple[int | None, Path]
 
 
 def run(args) -> int:
+    from ..data.mixture import DataError
     from ..train import TrainingStopped, is_finished, shutdown_distributed, train
     from ..train_config import load_train_config
 
@@ -67,7 +68,7 @@ def run(args) -> int:
             out = train(config, resume=resume)
             if main_process:
                 print(f"stage {config.stage} done: {out}")
-    except TrainingStopped as err:
+    except (TrainingStopped, DataError) as err:
         if main_process:
             print(f"tinygptv train: stopped: {err}", file=sys.stderr)
         return 1
