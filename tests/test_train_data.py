@@ -64,3 +64,4 @@ def test_mix_validation_needs_val_datasets(world, tmp_path):
     )  # fmt: skip
     with pytest.raises(ValueError, match="val_datasets is empty"):
         train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training, not after an epoch

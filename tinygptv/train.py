@@ -287,6 +287,10 @@ class Run:
     last_checkpoint_step: int | None = None
     batches: Iterator[Batch] | None = None
     """``iter(stream)``, opened at the first step (after a resume has moved the stream)."""
+    val_stream: DataStream | None = None
+    """Held-out batches for ``validate`` (when ``data.val_batches`` > 0)."""
+    val_start: dict[str, Any] | None = None
+    """``val_stream``'s initial position."""
 
     def autocast(self):
         dtype = DTYPES[self.config.precision]
@@ -339,6 +343,9 @@ def setup(config: TrainConfig, resume: bool = False) -> Run:
         accum_steps=accumulation_steps(config, env.world_size),
         out_dir=out_dir,
     )
+    if config.data.val_batches:  # built now, so that a data error shows before any training
+        run.val_stream = build_stream(config, module, env.rank, env.world_size, split="val")
+        run.val_start = run.val_stream.state_dict()
     if resume:
         load_checkpoint(run, out_dir / CHECKPOINT_FILE)
     else:
@@ -552,10 +559,10 @@ def fit(run: Run) -> None:
         bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
         bar.update(1)
         end_of_epoch = run.step % cfg.iters_per_epoch == 0
-        if end_of_epoch and cfg.data.val_batches:
-            run.log.write({"stage": run.stage.number, "step": run.step, "val_loss": validate(run)})
         if end_of_epoch or run.step % cfg.checkpoint_every == 0:
             save_checkpoint(run)
+        if end_of_epoch and run.val_stream is not None:
+            run.log.write({"stage": run.stage.number, "step": run.step, "val_loss": validate(run)})
     bar.close()
 
 
@@ -648,7 +655,8 @@ def validate(run: Run) -> float:
     """Mean loss over ``data.val_batches`` held-out micro-batches, shared out among the processes
     (the same batches at every epoch and for any number of processes)."""
     env = run.dist
-    stream = iter(build_stream(run.config, run.module, env.rank, env.world_size, split="val"))
+    run.val_stream.load_state_dict(run.val_start)  # from the start: the same batches every time
+    stream = iter(run.val_stream)
     run.module.eval()
     totals = torch.zeros(2, device=env.device)
     for _ in range(env.rank, run.config.data.val_batches, env.world_size):
@@ -839,6 +847,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             plot_run(run.out_dir)
     finally:
         run.log.close()
-        if hasattr(run.stream, "close"):
-            run.stream.close()  # data-loading workers
+        for stream in (run.stream, run.val_stream):
+            if hasattr(stream, "close"):
+                stream.close()  # data-loading workers
     return run.out_dir
