@@ -18,7 +18,9 @@ def register(subparsers) -> None:
         "FSDP with distributed=fsdp).",
     )
     p.add_argument("config", help="YAML file of settings, or with --stages a directory of stage{N}.yaml")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file's")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="settings that override the file's (right after CONFIG)"
+    )
     p.add_argument("--stages", help="run stages A-B in order (e.g. 1-4), chaining each to the previous one")
     p.add_argument(
         "--resume", action="store_true", help="continue a killed run from its last checkpoint (finished stages are skipped)"
