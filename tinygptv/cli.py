@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "tinygptv.commands.convert",
     "tinygptv.commands.train",
     "tinygptv.commands.plot",
+    "tinygptv.commands.eval",
+    "tinygptv.commands.eval_report",
 ]
 
 
