@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..data.readers.pairs import read_json
 from .metrics import auroc, match_choice, yes_no
-from .runner import Benchmark, Item, Protocol, find_file, image_path, percent
+from .runner import Item, PerItemBenchmark, Protocol, find_file, image_path, percent
 from .vqa import SHORT_ANSWER
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def _pixels(model: "TinyGPTV", items: Sequence[Item]):
     return [processor(load_image(item.image)).to(model.lm_proj.weight.dtype) for item in items]
 
 
-class IconQA(Benchmark):
+class IconQA(PerItemBenchmark):
     """IconQA as released (``iconqa_data/``): ``problems.json`` = ``{pid: {"question", "choices",
     "answer": index, "ques_type", ...}}`` and ``pid_splits.json`` = ``{"choose_txt_val": [pid, ...],
     ...}``, images ``iconqa/{split}/choose_txt/{pid}/image.png``. Without ``problems.json``, each
@@ -121,7 +121,7 @@ class IconQA(Benchmark):
         return {"score": float(chosen == item.target), "choice": chosen}
 
 
-class HatefulMemes(Benchmark):
+class HatefulMemes(PerItemBenchmark):
     """Hateful Memes (``data/`` of the release): ``{split}.jsonl`` with lines ``{"id", "img":
     "img/01235.png", "label": 0|1, "text"}``; images at the ``img`` path under the folder."""
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from ..data.readers.grounding import load_refs
 from ..data.readers.pairs import read_json
 from .metrics import IOU_THRESHOLD, refer_iou
-from .runner import Benchmark, Item, Protocol, find_dir, find_file, image_path
+from .runner import Item, PerItemBenchmark, Protocol, find_dir, find_file, image_path
 
 REFER_PROMPT = "give me the location of {sentence}"
 
@@ -67,7 +67,7 @@ def read_refer_items(
     return items
 
 
-class RefCOCO(Benchmark):
+class RefCOCO(PerItemBenchmark):
     """RefCOCO / RefCOCO+ / RefCOCOg in the REFER layout: ``{dataset}/refs(unc).p`` (RefCOCOg:
     ``refs(umd).p``) and ``{dataset}/instances.json``, COCO ``train2014`` images. Without
     ``--split``, every split of the dataset is run; metrics give each split (``accuracy_val``, ...)

@@ -148,12 +148,21 @@ class Benchmark(abc.ABC):
         return [{"answer": answer} for answer in answers]
 
     # --- scoring --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def evaluate(self, items: Sequence[Item], predictions: Sequence[dict[str, Any]]) -> tuple[list[dict], dict]:
+        """Per-item score records (``{"score", ...}``, extras go to predictions.jsonl) and the
+        metrics of the set (``accuracy`` in percent, and the benchmark's own)."""
+
+
+class PerItemBenchmark(Benchmark):
+    """A benchmark whose answers are scored one by one (all but captioning, whose CIDEr needs the
+    whole set)."""
+
+    @abc.abstractmethod
     def score(self, item: Item, prediction: dict[str, Any]) -> dict[str, Any]:
         """``{"score": 0..1, ...}`` of one prediction (more keys are written to predictions.jsonl)."""
-        raise ValueError(f"{self.name} scores the whole set at once (evaluate), not items one by one")
 
     def evaluate(self, items: Sequence[Item], predictions: Sequence[dict[str, Any]]) -> tuple[list[dict], dict]:
-        """Per-item score records (``score`` and extras) and the metrics of the set."""
         records = [self.score(item, prediction) for item, prediction in zip(items, predictions)]
         return records, self.metrics(items, records)
 
@@ -486,6 +495,7 @@ def image_path(folders: Sequence[Path], name: str) -> Path:
 __all__ = [
     "Benchmark",
     "Item",
+    "PerItemBenchmark",
     "Protocol",
     "find_dir",
     "find_file",

@@ -41,7 +41,7 @@ from ..data.readers.pairs import read_json
 from ..data.shapes import CANONICAL_SIZE, COLORS, SHAPES, SIZES, load_scenes
 from .metrics import IOU_THRESHOLD, exact_match, normalize_answer, refer_iou
 from .refer import read_refer_items
-from .runner import Benchmark, Item, Protocol, find_file, percent, predict_items, run_protocol
+from .runner import Item, PerItemBenchmark, Protocol, find_file, percent, predict_items, run_protocol
 
 if TYPE_CHECKING:
     from ..data.shapes import Scene, ShapeObject
@@ -59,7 +59,7 @@ def _prompt(task: str) -> str:
     return INSTRUCTIONS[task][0]
 
 
-class Shapes(Benchmark):
+class Shapes(PerItemBenchmark):
     name = "shapes"
     title = "shapes world"
     splits = ("test", "compositional", "val")

@@ -22,14 +22,14 @@ from typing import Any
 
 from ..data.readers.pairs import read_json
 from .metrics import exact_match, substring_match
-from .runner import Benchmark, Item, Protocol, find_dir, find_file, image_path, percent
+from .runner import Item, PerItemBenchmark, Protocol, find_dir, find_file, image_path, percent
 from .vqa import SHORT_ANSWER
 
 VSR_PROMPT = "Based on the image, is this statement true or false? {caption}"
 VSR_SYNONYMS = {"true": ("true", "yes"), "false": ("false", "no")}
 
 
-class _ExactMatch(Benchmark):
+class _ExactMatch(PerItemBenchmark):
     def score(self, item: Item, prediction: dict[str, Any]) -> dict[str, Any]:
         targets = item.target
         return {

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from ..data.readers.pairs import read_json
 from .metrics import vqa_accuracy
-from .runner import Benchmark, Item, Protocol, find_dir, find_file, image_path, percent
+from .runner import Item, PerItemBenchmark, Protocol, find_dir, find_file, image_path, percent
 
 SHORT_ANSWER = "Based on the image, respond to this question with a short answer: {question}"
 VIZWIZ_PROMPT = (
@@ -29,7 +29,7 @@ VIZWIZ_PROMPT = (
 )
 
 
-class _VQAAccuracy(Benchmark):
+class _VQAAccuracy(PerItemBenchmark):
     """Shared scoring: official VQA accuracy, plus per answer type where the files give one."""
 
     def score(self, item: Item, prediction: dict[str, Any]) -> dict[str, Any]:
