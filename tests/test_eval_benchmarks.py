@@ -305,6 +305,11 @@ def test_iconqa_ranks_the_choices_by_their_loss(tmp_path, model_dir, model):
     assert "multi_select" in result["protocol"]["settings"]["selection"]
     bench = get_benchmark("iconqa")
     items = bench.load(data, "val")
+    assert _rendered(items[0], bench.protocol) == (
+        "[INST] <Img><ImageHere></Img> [vqa] Based on the image, respond to this question with a short answer: "
+        "How many dogs are there? [/INST]"
+    )
+    assert items[0].meta["choices"] == ["2", "3", "4"] and items[0].target == 1
     template = get_template("stage4")
     for item, line in zip(items, lines):
         assert line["answer"] in item.meta["choices"] and len(line["losses"]) == len(item.meta["choices"])
@@ -465,6 +470,13 @@ def test_coco_caption_karpathy_test(tmp_path, model_dir):
         )
         _image(data / "val2014" / images[-1]["filename"], k)
     _write(data / "dataset_coco.json", {"images": images, "dataset": "coco"})
+    bench = get_benchmark("coco-caption")
+    items = bench.load(data, "test")
+    assert [i.question_id for i in items] == [1, 2] and items[1].target == references[1]
+    assert (
+        _rendered(items[0], bench.protocol)
+        == "[INST] <Img><ImageHere></Img> [caption] Briefly describe this image. [/INST]"
+    )
     result, lines = _eval("coco-caption", data, model_dir, tmp_path / "out")
     assert result["n"] == 2 and result["primary"] == "CIDEr" and result["metrics"]["accuracy"] is None
     assert {"CIDEr", "BLEU-4", "METEOR", "ROUGE-L"} <= set(result["metrics"])

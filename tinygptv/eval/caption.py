@@ -51,7 +51,7 @@ class COCOCaption(Benchmark):
         references = {item.key: item.target for item in items}
         answers = {item.key: p["answer"] for item, p in zip(items, predictions)}
         metrics, per_item, notes = caption_metrics(references, answers)
-        records = [{"score": round(per_item[item.key], 4)} for item in items]
+        records = [{"score": per_item[item.key]} for item in items]
         return records, {
             "accuracy": None,
             **{k: None if v is None else round(v, 2) for k, v in metrics.items()},

@@ -154,8 +154,8 @@ class Shapes(PerItemBenchmark):
             picked = objects_described(answer, scene.objects)
             return {"score": float(picked == [item.target]), "picked": picked}
         if item.task == "caption":
-            return {"score": round(caption_f1(answer, item.target), 4)}
-        return {"score": round(grounding_f1(answer, item.target, self.protocol.settings["iou_threshold"]), 4)}
+            return {"score": caption_f1(answer, item.target)}
+        return {"score": grounding_f1(answer, item.target, self.protocol.settings["iou_threshold"])}
 
     def metrics(self, items: Sequence[Item], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """``accuracy`` over everything, and ``accuracy_{split}/{task}`` and ``n_{split}/{task}``."""

@@ -33,7 +33,7 @@ class _VQAAccuracy(PerItemBenchmark):
     """Shared scoring: official VQA accuracy, plus per answer type where the files give one."""
 
     def score(self, item: Item, prediction: dict[str, Any]) -> dict[str, Any]:
-        return {"score": round(vqa_accuracy(prediction["answer"], item.target), 4)}
+        return {"score": vqa_accuracy(prediction["answer"], item.target)}
 
     def metrics(self, items: Sequence[Item], records: Sequence[dict]) -> dict[str, Any]:
         metrics = super().metrics(items, records)
