@@ -118,3 +118,22 @@ def test_batched_generate_agrees_with_the_conversation_engine(model):
     assert len(beams) == 2 and all(isinstance(t, str) for t in beams)
     sampled = [model.generate(images, questions, max_new_tokens=6, temperature=1.0, seed=5) for _ in range(2)]
     assert sampled[0] == sampled[1]
+
+
+def test_batched_generation_stops_each_row_at_the_stop_string(model):
+    images = [_image(), _image((0, 0, 255))]
+    free = model.generate(images, ["describe the image", "what color ?"], max_new_tokens=12)
+    assert all(isinstance(t, str) for t in free)
+    # pick a word the model does produce for row 0, and make it a stop string
+    words = free[0].split()
+    assert words, "the tiny model should say something in 12 tokens"
+    calls = []
+    hook = model.lm.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        stopped = model.generate(images, ["describe the image", "what color ?"], max_new_tokens=12, stop=(words[0],))
+    finally:
+        hook.remove()
+    assert words[0] not in stopped[0]
+    assert len(stopped[0]) <= len(free[0])
+    if words[0] in free[1]:  # both rows stop early: generation ends before the token limit
+        assert len(calls) < 12

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 
 @dataclass
@@ -153,9 +153,13 @@ def generate_batch(
     params: SamplingParams,
     eos_token_ids: Sequence[int],
     pad_token_id: int,
+    tokenizer=None,
 ) -> torch.Tensor:
     """Batched decoding (left-padded ``inputs_embeds`` (B, T, C)) and beam search, through
-    transformers' ``generate``. Returns the new token ids (B, N), padded with ``pad_token_id``."""
+    transformers' ``generate``. Returns the new token ids (B, N), padded with ``pad_token_id``.
+
+    With a ``tokenizer``, each row stops at ``params.stop`` (transformers' stop strings; the
+    strings themselves are cut from the text by the caller)."""
     params.validate()
     if params.seed is not None:
         torch.manual_seed(params.seed)
@@ -171,4 +175,25 @@ def generate_batch(
         num_beams=params.num_beams,
         eos_token_id=list(eos_token_ids) or None,
         pad_token_id=pad_token_id,
+        stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, params.stop)])
+        if params.stop and tokenizer is not None
+        else None,
     )
+
+
+class StopOnStrings(StoppingCriteria):
+    """Stop each row of a batched ``generate`` once its decoded text holds one of ``stops``.
+
+    transformers' own ``stop_strings`` builds a token-to-string table that fails on word-level
+    tokenizers (it probes the vocabulary with a prefix the tokenizer may not know), so we check the
+    decoded text instead: a few short decodes per step, negligible next to the model.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        # With inputs_embeds, generate's input_ids hold only the generated tokens.
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        done = [any(stop in text for stop in self.stops) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)

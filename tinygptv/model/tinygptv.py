@@ -268,8 +268,10 @@ class TinyGPTV(nn.Module):
         image_embeds = self.encode_images(batch["pixel_values"].to(self.device)) if "pixel_values" in batch else None
         inputs_embeds = self.embed(batch["input_ids"].to(self.device), image_embeds)
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        params = SamplingParams(**{**params.__dict__, "stop": stops})
         out = generate_batch(
-            self.lm, inputs_embeds, batch["attention_mask"].to(self.device), params, eos, self.pad_token_id
+            self.lm, inputs_embeds, batch["attention_mask"].to(self.device), params, eos, self.pad_token_id,
+            tokenizer=self.tokenizer,
         )
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [_cut_at_stop(t, stops) for t in texts]
