@@ -115,3 +115,53 @@ def test_widths_outside_the_kernels_constraints_fall_back_correctly(k, n):
             x = torch.randn(3, k).to(dtype)
             expected = x.float() @ q.dequantize().t() + layer.bias
             assert ((q(x).float() - expected).norm() / expected.norm()) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_saves_and_loads_bit_exact(mode, tmp_path):
+    from tinygptv.testing import word_tokenizer
+
+    torch.manual_seed(0)
+    cfg = get_preset("tinygptv-micro").replace(**{"language.vocab_size": 128})
+    model = TinyGPTV(cfg, tokenizer=word_tokenizer()).eval()
+    model.merge_lora()
+    quantize_language_model(model, mode)
+    assert model.config.quantization.language_model == mode
+    model.save_pretrained(tmp_path / "q")
+    ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = model(ids).logits
+    # the loader builds the quantized skeleton on the meta device and assigns the saved codes
+    loaded = TinyGPTV.from_pretrained(tmp_path / "q")
+    assert loaded.config.quantization.language_model == mode
+    saved, got = model.lm.state_dict(), loaded.lm.state_dict()
+    assert saved.keys() == got.keys() and any(k.endswith("qweight") for k in got)
+    for name in saved:
+        assert torch.equal(saved[name], got[name]), name
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_load_model_quantizes_vision_dynamically_on_cpu(tmp_path):
+    from tinygptv.inference import load_model
+    from tinygptv.testing import word_tokenizer
+
+    torch.manual_seed(0)
+    cfg = get_preset("tinygptv-micro").replace(**{"language.vocab_size": 128})
+    model = TinyGPTV(cfg, tokenizer=word_tokenizer()).eval()
+    model.save_pretrained(tmp_path / "f")
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        reference = model.encode_images(pixels)
+    q = load_model(tmp_path / "f", device="cpu", quantize="int8")
+    assert not any(isinstance(m, nn.Linear) for m in q.vision.modules())
+    with torch.no_grad():
+        got = q.encode_images(pixels)
+    assert ((got - reference).norm() / reference.norm()).item() < 0.1
+    with pytest.raises(ValueError, match="quantized dynamically"):
+        q.save_pretrained(tmp_path / "never")
+    with pytest.raises(ValueError, match="holds int8 weights; it cannot be loaded as int4"):
+        model.merge_lora()
+        quantize_language_model(model, "int8")
+        model.save_pretrained(tmp_path / "q8")
+        load_model(tmp_path / "q8", device="cpu", quantize="int4")

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "tinygptv.commands.ask",
     "tinygptv.commands.chat",
     "tinygptv.commands.bench",
+    "tinygptv.commands.quantize",
     "tinygptv.commands.data",
     "tinygptv.commands.convert",
     "tinygptv.commands.train",

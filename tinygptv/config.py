@@ -131,6 +131,18 @@ class LoraSettings:
 
 
 @dataclass
+class QuantizationSettings:
+    """How the weights of a saved inference model are stored (see :mod:`tinygptv.quantize`)."""
+
+    language_model: str | None = None
+    """``None`` (float), ``"int8"`` or ``"int4"``: weight-only quantization of the LM's Linear layers."""
+    group_size: int = 128
+    """int4: input features per scale/zero group (the largest of 128, 64, 32 that divides a layer)."""
+    lm_head: bool = True
+    """Whether the LM head is quantized too (always int8: 4 bits cost too much accuracy there)."""
+
+
+@dataclass
 class TinyGPTVConfig:
     """The whole model: vision encoder, Q-Former, projections, language model, LoRA, tokenizer."""
 
@@ -149,6 +161,8 @@ class TinyGPTVConfig:
     """Hub id or local path of the LM tokenizer; ``None`` when the tokenizer ships with the weights."""
     initializer_range: float = 0.02
     """Std of the random init of new weights (projections, and everything in random-weight models)."""
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    """Storage of an inference model's weights; float unless a model was quantized and saved."""
 
     # --- derived sizes -------------------------------------------------------------------------
     @property
@@ -212,6 +226,7 @@ _NESTED: dict[tuple[str, str], type] = {
     ("TinyGPTVConfig", "qformer"): QFormerConfig,
     ("TinyGPTVConfig", "language"): LanguageConfig,
     ("TinyGPTVConfig", "lora"): LoraSettings,
+    ("TinyGPTVConfig", "quantization"): QuantizationSettings,
 }
 
 

@@ -56,10 +56,14 @@ def load_model(
 
     ``model``: None or ``"builtin"`` for the built-in model, else a directory in our format or a
     hub id. ``quantize``: None, ``"int8"`` or ``"int4"`` (weight-only, language model; LoRA is
-    merged first).
+    merged first). A directory saved quantized (``tinygptv quantize``) loads as it is, without
+    re-quantizing. Quantized models on the CPU in fp32 also get int8 dynamic quantization of the
+    vision encoder and Q-Former, where int8 pays (see :func:`tinygptv.quantize.quantize_vision_dynamic`).
     """
+    import torch
+
     from .model.tinygptv import TinyGPTV
-    from .quantize import QUANT_MODES, quantize_language_model
+    from .quantize import QUANT_MODES, quantize_language_model, quantize_vision_dynamic
 
     if quantize is not None and quantize not in QUANT_MODES:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -67,8 +71,13 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     source = builtin_model_dir() if model in (None, "builtin") else model
     net = TinyGPTV.from_pretrained(source, device=device, dtype=torch_dtype, offline=offline)
-    if quantize is not None:
+    saved_mode = net.config.quantization.language_model
+    if quantize is not None and saved_mode is not None and quantize != saved_mode:
+        raise ValueError(f"{source} holds {saved_mode} weights; it cannot be loaded as {quantize}")
+    if quantize is not None and saved_mode is None:
         if net.config.lora.enabled:
             net.merge_lora()
         quantize_language_model(net, quantize)
+    if (quantize or saved_mode) and str(device) == "cpu" and torch_dtype == torch.float32:
+        quantize_vision_dynamic(net)
     return net.eval()

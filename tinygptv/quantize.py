@@ -197,4 +197,28 @@ def quantize_language_model(model, mode: str, group_size: int = 128, include_lm_
         raise ValueError("merge LoRA into the base weights (model.merge_lora()) before quantizing")
     lm = model.lm
     quantize_linear_layers(lm, language_model_linear_names(lm, include_lm_head), mode, group_size)
+    q = model.config.quantization
+    q.language_model, q.group_size, q.lm_head = mode, group_size, include_lm_head  # saved with the model
     return model
+
+
+def quantize_vision_dynamic(model) -> None:
+    """int8 dynamic quantization (fbgemm: int8 weights, activations quantized per batch) of the
+    vision encoder's and Q-Former's Linear layers, for CPU inference.
+
+    The ViT is compute-bound (about 0.5 TFLOP per 224 px image), so on a CPU without bf16 matrix
+    units int8 pays there: measured 2-3x faster than fp32 for its 257 x 1408 x 6144 matmuls on this
+    machine. Applied at load time from float weights (its packed format is not a safetensors
+    tensor). ``torch.ao.quantization.quantize_dynamic`` is deprecated in torch 2.x but still the
+    one stock CPU path for int8 activations x int8 weights.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+        for part in (model.vision, model.qformer):
+            torch.ao.quantization.quantize_dynamic(part, {nn.Linear}, dtype=torch.qint8, inplace=True)
+            gc.collect()

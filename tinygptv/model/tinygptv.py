@@ -65,6 +65,13 @@ class TinyGPTV(nn.Module):
             nn.init.zeros_(proj.bias)
         # 3. the language model with TinyGPT-V's norms, then LoRA on its attention (peft)
         self.language_model = self._with_lora(build_language_model(config.language, init))
+        # 4. a saved quantized model: Linear layers become quantized ones, so its weights load as they are
+        if config.quantization.language_model is not None:
+            if config.lora.enabled:
+                raise ValueError("a quantized model has its LoRA merged: set lora.enabled=False with quantization")
+            from ..quantize import quantize_language_model
+
+            quantize_language_model(self, **_quantization_args(config))
 
     def _with_lora(self, lm: nn.Module) -> nn.Module:
         lora = self.config.lora
@@ -326,6 +333,11 @@ class TinyGPTV(nn.Module):
         """
         from .weights import save_pretrained
 
+        if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in self.modules()):
+            raise ValueError(
+                "this model's vision encoder was quantized dynamically for inference (load_model(quantize=...)); "
+                "save the float model, or a quantized one with `tinygptv quantize`"
+            )
         return save_pretrained(self, directory, trainable_only=trainable_only, base=base, max_shard_size=max_shard_size)
 
     @classmethod
@@ -361,6 +373,11 @@ class TinyGPTV(nn.Module):
         from .weights import merge_lora
 
         return merge_lora(self)
+
+
+def _quantization_args(config: TinyGPTVConfig) -> dict:
+    q = config.quantization
+    return {"mode": q.language_model, "group_size": q.group_size, "include_lm_head": q.lm_head}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
