@@ -23,7 +23,7 @@ int4: out_features not a multiple of 16), these modules dequantize and matmul: c
 from __future__ import annotations
 
 import gc
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,29 @@ from torch import nn
 QUANT_MODES = ("int8", "int4")
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """What the int8 and int4 layers share: reshaping, the fallback matmul, the bias."""
+
+    in_features: int
+    out_features: int
+    dequantize: "Callable[[], torch.Tensor]"  # each subclass: its float (N, K) weight
+
+    def _cpu_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """(M, K) -> (M, N) on the CPU kernel, or None where the kernel does not apply."""
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        out = self._cpu_kernel(x2) if x.device.type == "cpu" else None
+        if out is None:
+            out = F.linear(x2, self.dequantize().to(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class Int8Linear(_WeightOnlyLinear):
     """A Linear layer with int8 weights (per-output-channel scales) and float activations."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
@@ -57,23 +79,17 @@ class Int8Linear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
+    def _cpu_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
         # The kernel needs in_features % 16 == 0 (other widths crash in bf16, seen with torch 2.13).
-        if x.device.type == "cpu" and self.in_features % 16 == 0:
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x.dtype))
-        else:
-            out = F.linear(x2, self.dequantize().to(x.dtype))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+        if self.in_features % 16:
+            return None
+        return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """A Linear layer with group-wise int4 weights and float activations."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128, device=None):
@@ -125,17 +141,11 @@ class Int4Linear(nn.Module):
         self._packed = None  # a device or dtype move invalidates the derived layout
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu" and self.out_features % 16 == 0:  # the kernel's packing needs N % 16 == 0
-            packed, scales_zeros = self._cpu_weights(x.dtype)
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
-        else:
-            out = F.linear(x2, self.dequantize().to(x.dtype))
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*shape[:-1], self.out_features)
+    def _cpu_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
+        if self.out_features % 16:  # the kernel's packing needs N % 16 == 0
+            return None
+        packed, scales_zeros = self._cpu_weights(x2.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}"
