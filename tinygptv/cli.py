@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "tinygptv.commands.plot",
     "tinygptv.commands.eval",
     "tinygptv.commands.eval_report",
+    "tinygptv.commands.serve",
 ]
 
 
