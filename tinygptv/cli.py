@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "tinygptv.commands.eval",
     "tinygptv.commands.eval_report",
     "tinygptv.commands.serve",
+    "tinygptv.commands.demo",
 ]
 
 

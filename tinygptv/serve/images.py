@@ -127,10 +127,10 @@ def open_image(data: bytes, settings: ServeSettings, param: str) -> Image:
                 raise _too_many_pixels(width, height, settings, param)
             img.load()
             return img.convert("RGB")
-        except Image.DecompressionBombError:
+        except Image.DecompressionBombError as err:  # Pillow's own, larger limit, raised on open
             raise APIError(
                 400,
-                f"the image has too many pixels (limit {settings.max_image_pixels})",
+                f"the image has more pixels than the limit of {settings.max_image_pixels} ({err})",
                 param=param,
                 code="image_too_large",
             ) from None
