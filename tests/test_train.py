@@ -115,6 +115,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     assert f"(step {failed_step - 1})" in message
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     assert losses(tmp_path / "run").keys() == set(range(1, failed_step))
+    assert (tmp_path / "run" / "loss.png").exists()  # the curve that led to the stop
     # usable: a resume restores it (its weights, its step)
     from tinygptv.train_config import load_train_config
 

@@ -837,13 +837,19 @@ def is_finished(out_dir: str | Path) -> bool:
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Run one stage: setup, fit, then write its trainable weights and loss curve. Returns the run directory.
 
-    Raises :class:`TrainingStopped` when a guard rail stops the run.
+    Raises :class:`TrainingStopped` when a guard rail stops the run (after drawing the curve that led there).
     """
     run = setup(config, resume)
+    draw = run.dist.is_main
     try:
         fit(run)
         save_trainable(run)
-        if run.dist.is_main:
+    except TrainingStopped:
+        if draw and run.step > 0:
+            plot_run(run.out_dir)  # the curve that led to the stop
+        raise
+    else:
+        if draw:
             plot_run(run.out_dir)
     finally:
         run.log.close()
