@@ -165,6 +165,24 @@ def test_concurrent_requests_are_batched_without_changing_answers(client, model)
         assert raw.parse().choices[0].message.content == alone[q]
 
 
+def test_32_clients_5_requests_each_all_answered(client, server):
+    before = httpx.get(server.url + "/health").json()
+
+    def client_session(k):
+        question, expected = [
+            ("what color is the circle ?", "red"),
+            ("[caption] describe the image", "a red circle on a white background"),
+        ][k % 2]
+        return [create(client, ask(question), max_tokens=40).choices[0].message.content == expected for _ in range(5)]
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        outcomes = [ok for session in pool.map(client_session, range(32)) for ok in session]
+    assert len(outcomes) == 160 and all(outcomes)
+    after = httpx.get(server.url + "/health").json()
+    assert after["requests"] - before["requests"] == 160
+    assert after["batches"] - before["batches"] < 160  # batched, not one by one
+
+
 # --- bad input: status, OpenAI error body, and the server goes on -------------------------------------
 def _bomb_png() -> bytes:
     return png_bytes(Image.new("1", (4000, 4000)))  # 16 MP of zeros: a few KB compressed
@@ -281,6 +299,7 @@ BAD_REQUESTS = {  # name: (create() arguments, status, error param, error code)
     "temperature": (dict(messages=ask("hi"), temperature=5), 400, "temperature", None),
     "unknown task": (dict(messages=ask("hi"), extra_body={"task": "dance"}), 400, "task", None),
     "unknown model": (dict(messages=ask("hi"), model="gpt-4o"), 404, "model", "model_not_found"),
+    "body size": (dict(messages=ask("a" * 1_200_000)), 413, None, "request_too_large"),
 }
 
 
