@@ -86,7 +86,8 @@ class FixedBatches:
 
 def cpu_has_bf16() -> bool:
     try:
-        flags = open("/proc/cpuinfo").read()
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
@@ -122,12 +123,18 @@ def main() -> None:
     params = list(run.module.parameters())
     frozen = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    print(f"model: {config.model} stage 4, {args.image_size} px, batch {args.batch_size}, bf16 frozen + fp32 trainable, "
-          f"gradient checkpointing {'off' if args.no_checkpointing else 'on'}, {torch.get_num_threads()} threads")
-    print(f"  CPU bf16 matmul hardware (AMX / AVX512-BF16): {'yes' if cpu_has_bf16() else 'no: bf16 is emulated, step times are slow'}")
+    print(
+        f"model: {config.model} stage 4, {args.image_size} px, batch {args.batch_size}, bf16 frozen + fp32 trainable, "
+        f"gradient checkpointing {'off' if args.no_checkpointing else 'on'}, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"  CPU bf16 matmul hardware (AMX / AVX512-BF16): {'yes' if cpu_has_bf16() else 'no: bf16 is emulated, step times are slow'}"
+    )
     print(f"  built in {time.perf_counter() - start:.0f} s, peak while building {build.peak / GB:.2f} GB RSS")
-    print(f"  frozen weights {frozen / GB:.2f} GB; trainable {trainable / 1e6:.1f} M parameters = "
-          f"{trainable * 4 / GB:.2f} GB fp32 (+ same for gradients, 2x for AdamW moments)")
+    print(
+        f"  frozen weights {frozen / GB:.2f} GB; trainable {trainable / 1e6:.1f} M parameters = "
+        f"{trainable * 4 / GB:.2f} GB fp32 (+ same for gradients, 2x for AdamW moments)"
+    )
     print(f"  process: {baseline / GB:.2f} GB before the model, {built / GB:.2f} GB with it")
 
     for text_tokens in args.text_tokens:
@@ -142,8 +149,10 @@ def main() -> None:
         seq = 1 + run.module.num_image_tokens + text_tokens
         print(f"\n  {text_tokens} text tokens ({seq} with the image's): step {seconds:.1f} s, loss {result.loss:.3f}")
         print(f"    peak RSS during the step {peak.peak / GB:.2f} GB; above the libraries {held / GB:.2f} GB")
-        print(f"    estimate for a GPU: {held / GB:.2f} GB of tensors + ~{CUDA_CONTEXT_GB} GB CUDA context = "
-              f"{gpu:.1f} GB -> {'fits' if gpu < 24 else 'does NOT fit'} a 24 GB GPU ({24 - gpu:+.1f} GB headroom)")
+        print(
+            f"    estimate for a GPU: {held / GB:.2f} GB of tensors + ~{CUDA_CONTEXT_GB} GB CUDA context = "
+            f"{gpu:.1f} GB -> {'fits' if gpu < 24 else 'does NOT fit'} a 24 GB GPU ({24 - gpu:+.1f} GB headroom)"
+        )
     run.log.close()
 
 

@@ -2,6 +2,7 @@
 
 import io
 import math
+from itertools import pairwise
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ def test_stage1_ramps_from_1e5_to_1e4_within_every_epoch():
         window = lrs[epoch * 1000 : (epoch + 1) * 1000]
         assert window[0] == pytest.approx(1e-5)  # "commenced at 1e-5 at the beginning of each epoch"
         assert window[-1] == pytest.approx(1e-4)  # "ascended to 1e-4 by the epoch's end"
-        assert all(a < b for a, b in zip(window, window[1:]))
+        assert all(a < b for a, b in pairwise(window))
     assert lrs[1000] < lrs[999]  # back down at the next epoch
 
 
@@ -28,7 +29,7 @@ def test_stage2_warmup_then_cosine_to_min():
     assert lr[-1] == pytest.approx(8e-5)
     assert max(lr) == pytest.approx(1e-4)
     decay = lr[warmup:]
-    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert all(a >= b for a, b in pairwise(decay))
     middle = warmup + (total - 1 - warmup) // 2
     assert lr[middle] == pytest.approx((1e-4 + 8e-5) / 2, rel=1e-3)  # cosine: half-way at the midpoint
     assert warmup_cosine(total + 10, total, warmup, 1e-6, 1e-4, 8e-5) == pytest.approx(8e-5)

@@ -7,9 +7,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from train_helpers import losses, tiny_config, write_config
 
 from tinygptv.cli import main as cli_main
 from tinygptv.stages import get_stage, trainable_parameter_names
+from tinygptv.testing import word_tokenizer
 from tinygptv.train import (
     CHECKPOINT_FILE,
     TRAINABLE_FILE,
@@ -21,9 +23,6 @@ from tinygptv.train import (
     setup,
     train,
 )
-from tinygptv.testing import word_tokenizer
-
-from train_helpers import losses, tiny_config, write_config
 
 
 def test_a_stage_writes_its_outputs(tmp_path):
@@ -74,7 +73,9 @@ def test_stage_n_starts_from_stage_n_minus_1(tmp_path):
     run.log.close()
 
     with pytest.raises(ValueError, match="does not fit"):  # another model's weights are refused
-        setup(tiny_config(tmp_path / "s2b", {"init_from": str(first), "model_overrides": {"projection_hidden_size": 64}}))
+        setup(
+            tiny_config(tmp_path / "s2b", {"init_from": str(first), "model_overrides": {"projection_hidden_size": 64}})
+        )
     with pytest.raises(FileNotFoundError, match="finished run"):
         setup(tiny_config(tmp_path / "s2c", {"init_from": str(tmp_path / "nowhere")}))
 
@@ -83,7 +84,11 @@ def test_cli_runs_a_chain_of_stages_and_skips_finished_ones(tmp_path, capsys):
     configs = tmp_path / "configs"
     configs.mkdir()
     for n in (1, 2):
-        write_config(configs / f"stage{n}.yaml", tmp_path / f"stage{n}", {"stage": n, "epochs": 1, "iters_per_epoch": 2, "schedule.warmup_steps": 1})
+        write_config(
+            configs / f"stage{n}.yaml",
+            tmp_path / f"stage{n}",
+            {"stage": n, "epochs": 1, "iters_per_epoch": 2, "schedule.warmup_steps": 1},
+        )
     assert cli_main(["train", str(configs), "tensorboard=false", "--stages", "1-2"]) == 0
     saved = yaml.safe_load((tmp_path / "stage2" / "config.yaml").read_text())
     assert saved["init_from"] == str(tmp_path / "stage1") and not saved["tensorboard"]
@@ -128,7 +133,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
 
 def test_vanishing_gradients_stop_the_run(tmp_path):
     cfg = tiny_config(tmp_path / "run", {"guard.vanishing_grad_norm": 1e9, "guard.vanishing_patience": 3})
-    with pytest.raises(TrainingStopped, match=r"stage 2 \(pre-train\), step 3 of 10: the gradient norm has stayed") as err:
+    with pytest.raises(
+        TrainingStopped, match=r"stage 2 \(pre-train\), step 3 of 10: the gradient norm has stayed"
+    ) as err:
         train(cfg)
     assert "no checkpoint had been written yet" in str(err.value)  # steps 1-2 ran, the first checkpoint is at 3
     assert losses(tmp_path / "run").keys() == {1, 2}
@@ -175,7 +182,10 @@ def test_batch_arithmetic(tmp_path):
 def test_random_caption_stream_splits_a_global_batch_the_same_way_for_any_world_size():
     tok = word_tokenizer()
     one = RandomCaptionStream(tok, 4, 28, micro_batch_size=2, num_samples=100, seed=3)
-    two = [RandomCaptionStream(tok, 4, 28, micro_batch_size=2, rank=r, world_size=2, num_samples=100, seed=3) for r in (0, 1)]
+    two = [
+        RandomCaptionStream(tok, 4, 28, micro_batch_size=2, rank=r, world_size=2, num_samples=100, seed=3)
+        for r in (0, 1)
+    ]
     for _ in range(3):  # global micro-batches 0..5: one process in order; two processes interleaved
         for rank in (0, 1):
             a, b = next(one), next(two[rank])
@@ -204,5 +214,9 @@ def test_base_weights_give_the_frozen_parts(tmp_path):
         assert torch.equal(param.detach(), expected.detach()), name
     run.log.close()
     with pytest.raises(ValueError, match=r"language.qk_norm: True \(weights\) vs False \(run\)"):
-        setup(tiny_config(tmp_path / "run3", {"base_weights": str(tmp_path / "base"),
-                                              "model_overrides": {"language.qk_norm": False}}))
+        setup(
+            tiny_config(
+                tmp_path / "run3",
+                {"base_weights": str(tmp_path / "base"), "model_overrides": {"language.qk_norm": False}},
+            )
+        )

@@ -4,11 +4,10 @@ and as a ``mix`` of named readers with paths under ``data.root``."""
 import math
 
 import pytest
+from train_helpers import losses, tiny_config
 
 from tinygptv.train import build_reader, train
 from tinygptv.train_config import MixEntry
-
-from train_helpers import losses, tiny_config
 
 MIX = {
     "detail": {"ratio": 3, "reader": "cc_sbu_align", "args": {"root": "align/train", "image_dir": "images/224", "image_ext": ".png"}},

@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
+from train_helpers import losses, write_config
 
 from tinygptv.train import CHECKPOINT_FILE, TRAINABLE_FILE, train
 from tinygptv.train_config import load_train_config
-
-from train_helpers import losses, write_config
 
 # global batch 4 = micro-batch 2 x (2 accumulation steps on 1 process | 2 processes)
 CHANGES = {"batch_size": 4, "micro_batch_size": 2, "data.val_batches": 2, "tensorboard": False}
@@ -29,7 +28,7 @@ def test_two_processes_match_one(engine, single_process, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "tinygptv", "train", str(config),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     run = tmp_path / "run"
     assert (run / TRAINABLE_FILE).exists()

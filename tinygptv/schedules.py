@@ -89,9 +89,7 @@ class Schedule:
         if self.kind == "epoch_ramp":
             return epoch_ramp(step, self.iters_per_epoch, self.start_lr, self.peak_lr)
         if self.kind == "warmup_cosine":
-            return warmup_cosine(
-                step, self.total_steps, self.warmup_steps, self.start_lr, self.peak_lr, self.min_lr
-            )
+            return warmup_cosine(step, self.total_steps, self.warmup_steps, self.start_lr, self.peak_lr, self.min_lr)
         return self.peak_lr
 
 

@@ -34,10 +34,11 @@ import os
 import random
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -224,7 +225,13 @@ def _path_arguments(cls: type) -> set[str]:
 def _under(root: str | None, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_under(root, v) for v in value]
-    if root is None or not isinstance(value, str) or os.path.isabs(value) or "://" in value or value.startswith("pipe:"):
+    if (
+        root is None
+        or not isinstance(value, str)
+        or os.path.isabs(value)
+        or "://" in value
+        or value.startswith("pipe:")
+    ):
         return value  # absolute, remote (webdataset reads URLs) or nothing to join
     return os.path.join(root, value)
 
@@ -443,7 +450,11 @@ def build_model(config: TrainConfig, stage: Stage, dtype: torch.dtype = torch.fl
 def check_same_architecture(loaded: TinyGPTVConfig, wanted: TinyGPTVConfig, source: str) -> None:
     """Refuse base weights built for another architecture or image size than the run's."""
     a, b = _flatten(loaded.to_dict()), _flatten(wanted.to_dict())
-    diffs = [f"{k}: {a[k]!r} (weights) vs {b.get(k)!r} (run)" for k in a if k not in ("name", "tokenizer") and a[k] != b.get(k)]
+    diffs = [
+        f"{k}: {a[k]!r} (weights) vs {b.get(k)!r} (run)"
+        for k in a
+        if k not in ("name", "tokenizer") and a[k] != b.get(k)
+    ]
     if diffs:
         raise ValueError(
             f"base_weights {source} hold a model that differs from the run's ({'; '.join(diffs)}); convert the "
@@ -579,7 +590,9 @@ def train_step(run: Run) -> StepResult:
                 loss = run.model(**batch).loss
             scaled = loss / run.accum_steps
             (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-        totals += torch.stack([loss.detach().float(), totals.new_tensor(1.0), totals.new_tensor(batch["input_ids"].shape[0])])
+        totals += torch.stack(
+            [loss.detach().float(), totals.new_tensor(1.0), totals.new_tensor(batch["input_ids"].shape[0])]
+        )
     if run.dist.world_size > 1:
         dist.all_reduce(totals)
     if run.scaler:
@@ -804,7 +817,12 @@ def rng_state() -> dict[str, Any]:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached": cached},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

@@ -23,7 +23,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--stages", help="run stages A-B in order (e.g. 1-4), chaining each to the previous one")
     p.add_argument(
-        "--resume", action="store_true", help="continue a killed run from its last checkpoint (finished stages are skipped)"
+        "--resume",
+        action="store_true",
+        help="continue a killed run from its last checkpoint (finished stages are skipped)",
     )
     p.set_defaults(func=run)
 
