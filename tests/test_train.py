@@ -89,11 +89,11 @@ def test_cli_runs_a_chain_of_stages_and_skips_finished_ones(tmp_path, capsys):
             tmp_path / f"stage{n}",
             {"stage": n, "epochs": 1, "iters_per_epoch": 2, "schedule.warmup_steps": 1},
         )
-    assert cli_main(["train", str(configs), "tensorboard=false", "--stages", "1-2"]) == 0
+    assert cli_main(["train", str(configs), "--stages", "1-2", "tensorboard=false"]) == 0  # overrides after options
     saved = yaml.safe_load((tmp_path / "stage2" / "config.yaml").read_text())
     assert saved["init_from"] == str(tmp_path / "stage1") and not saved["tensorboard"]
     assert (tmp_path / "stage2" / TRAINABLE_FILE).exists()
-    assert cli_main(["train", str(configs), "--stages", "1-2", "--resume"]) == 0
+    assert cli_main(["train", str(configs), "seed=1", "--stages", "1-2", "--resume"]) == 0  # ... or before
     assert capsys.readouterr().out.count("is finished, skipping") == 2
     # a run directory that already holds a run is never overwritten by accident
     assert cli_main(["train", str(configs / "stage1.yaml")]) == 2

@@ -18,9 +18,7 @@ def register(subparsers) -> None:
         "FSDP with distributed=fsdp).",
     )
     p.add_argument("config", help="YAML file of settings, or with --stages a directory of stage{N}.yaml")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="settings that override the file's (right after CONFIG)"
-    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file's")
     p.add_argument("--stages", help="run stages A-B in order (e.g. 1-4), chaining each to the previous one")
     p.add_argument(
         "--resume",
@@ -28,6 +26,17 @@ def register(subparsers) -> None:
         help="continue a killed run from its last checkpoint (finished stages are skipped)",
     )
     p.set_defaults(func=run)
+    # argparse hands key=value words that follow an option (`DIR --stages 1-4 data.root=X`) back
+    # as unrecognised; collect them as overrides, so that they may come before or after the options.
+    parse_known_args = p.parse_known_args
+
+    def parse_known_args_with_late_overrides(args=None, namespace=None):
+        parsed, rest = parse_known_args(args, namespace)
+        late = [a for a in rest if "=" in a and not a.startswith("-")]
+        parsed.overrides = [*parsed.overrides, *late]
+        return parsed, [a for a in rest if a not in late]
+
+    p.parse_known_args = parse_known_args_with_late_overrides
 
 
 def stage_files(config: str, stages: str | None) -> list[tuple[int | None, Path]]:
