@@ -155,7 +155,13 @@ def test_bf16_keeps_trainable_weights_in_fp32(tmp_path):
     for name, p in run.module.named_parameters():
         assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
     run.log.close()
-    loss = losses(train(tiny_config(tmp_path / "run2", {"precision": "bf16"})))
+    loss = losses(
+        train(
+            tiny_config(
+                tmp_path / "run2", {"precision": "bf16", "epochs": 1, "iters_per_epoch": 3, "schedule.warmup_steps": 1}
+            )
+        )
+    )
     assert all(math.isfinite(v) for v in loss.values())
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
         setup(tiny_config(tmp_path / "run3", {"precision": "fp16"}))
