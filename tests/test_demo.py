@@ -63,3 +63,47 @@ def test_the_page_has_its_controls(model):
     assert {"image-input", "boxes", "chatbot", "question", "ask-button", "clear-button"} <= ids
     assert {f"task-{task}" for task in TASK_BUTTONS} <= ids
     assert create_demo(lambda: model) is not None  # a loader is called when the page is built
+
+
+def test_demo_command_serves_the_page(tmp_path):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from serve_helpers import random_model_dir
+
+    model_dir = random_model_dir(tmp_path / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinygptv", "demo", "--model", str(model_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the demo did not come up"
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert page.status_code == 200
+        config = httpx.get(f"http://127.0.0.1:{port}/config", timeout=10).json()
+        assert config["title"] == "TinyGPT-V"
+        assert {"ask-button", "task-grounding"} <= {c["props"].get("elem_id") for c in config["components"]}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -392,3 +392,28 @@ def test_remote_images_are_fetched_only_when_allowed(model):
             assert caught.value.code == "image_fetch_failed" and "404" in caught.value.message
     finally:
         images.shutdown()
+
+
+def test_a_stream_whose_client_leaves_stops_decoding():
+    import time
+
+    import torch
+
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.testing import word_tokenizer
+
+    torch.manual_seed(0)
+    long_winded = TinyGPTV("tinygptv-micro", tokenizer=word_tokenizer()).eval()  # random: never stops early
+    with torch_threads(1), BackgroundServer(create_app(long_winded)) as running:
+        micro = OpenAI(base_url=running.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": "what color is it ?"}]
+        start = time.perf_counter()
+        whole = micro.chat.completions.create(model="tinygptv-micro", messages=messages, max_tokens=450)
+        full = time.perf_counter() - start
+        assert whole.usage.completion_tokens == 450
+        stream = micro.chat.completions.create(model="tinygptv-micro", messages=messages, max_tokens=450, stream=True)
+        assert next(iter(stream)).choices[0].delta.role == "assistant"
+        stream.close()  # the client goes away after the first chunk
+        start = time.perf_counter()
+        micro.chat.completions.create(model="tinygptv-micro", messages=messages, max_tokens=1)
+        assert time.perf_counter() - start < full / 2  # the worker was free: the stream stopped

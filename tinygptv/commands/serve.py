@@ -41,6 +41,12 @@ def register(subparsers) -> None:
     g.add_argument("--max-image-mb", type=float, default=10.0, help="encoded size per image (default 10 MB)")
     g.add_argument("--max-body-mb", type=float, default=20.0, help="request body size (default 20 MB)")
     g.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    g.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="most prompt tokens, image slots included (default: the model's context)",
+    )
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -59,6 +65,7 @@ def settings_from_args(args):
         max_image_pixels=args.max_image_pixels,
         max_images=args.max_images,
         max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         batch_wait_ms=args.batch_wait_ms,

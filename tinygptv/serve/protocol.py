@@ -8,7 +8,8 @@ response objects keep unknown fields):
 * request ``task``: a MiniGPT-v2 task (``vqa``, ``caption``, ``refer``, ``grounding``,
   ``identify``, ``detection``) whose identifier the template writes; ``top_k``;
 * response ``choices[i].message.boxes`` (and the last stream chunk's ``delta.boxes``): the boxes
-  of the answer, ``{"phrase", "box" (pixels of the first image, x1 y1 x2 y2), "box_norm" (0-100)}``.
+  of the answer, ``{"phrase", "box" (pixels of the first image, x1 y1 x2 y2), "box_norm" (0-100)}``;
+* response header ``x-tinygptv-batch-size``: how many requests were decoded together with this one.
 """
 
 from __future__ import annotations
