@@ -177,7 +177,7 @@ class TinyGPTV(nn.Module):
         # 2. text embeddings with the image slots filled -> (B, T, C)
         inputs_embeds = self.embed(input_ids, image_embeds)
         # 3. language model -> (B, T, vocab)
-        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+        logits = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False).logits
         if labels is None:
             return TinyGPTVOutput(logits=logits)
         # 4. next-token loss on target positions only
