@@ -1,6 +1,7 @@
 """`tinygptv ask` and `tinygptv chat` on a tiny model saved by the test."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -58,3 +59,92 @@ def test_chat_session_with_commands(saved):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("tinygptv> ") == 2
     assert "(task: grounding)" in out.stdout and "cannot read an image" in out.stdout and "(conversation reset)" in out.stdout
+
+
+def _png_header(width, height):
+    """A PNG whose header claims ``width`` x ``height`` RGB pixels, with no pixel data: what a
+    decompression bomb looks like before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def bad_images(saved):
+    root, _ = saved
+    bad = root / "bad"
+    bad.mkdir()
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "notes.jpg").write_text("these are words, not pixels\n")
+    (bad / "truncated.png").write_bytes(_png_header(64, 64)[:40])
+    (bad / "directory.png").mkdir()  # exists, but cannot be read as a file
+    (bad / "bomb.png").write_bytes(_png_header(100_000, 100_000))  # over Pillow's own limit
+    (bad / "huge.png").write_bytes(_png_header(10_000, 10_000))  # under Pillow's limit, over ours
+    return bad
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [
+        ("empty.png", "the file is empty"),
+        ("notes.jpg", "cannot read an image"),
+        ("truncated.png", "cannot read an image"),
+        ("directory.png", "cannot read an image"),
+        ("bomb.png", "has too many pixels"),
+        ("huge.png", "has too many pixels: 10000x10000"),
+        ("missing.png", "image not found"),
+    ],
+)
+def test_ask_bad_image_exits_2_with_one_clear_line(saved, bad_images, capsys, name, message):
+    from tinygptv.cli import main
+
+    root, _ = saved
+    code = main(["ask", str(bad_images / name), "what color ?", "--model", str(root / "model")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("tinygptv ask: error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_ask_unreadable_file_exits_2(saved, tmp_path, capsys):
+    from tinygptv.cli import main
+
+    root, _ = saved
+    path = tmp_path / "locked.png"
+    Image.new("RGB", (8, 8)).save(path)
+    path.chmod(0)
+    assert main(["ask", str(path), "what ?", "--model", str(root / "model")]) == 2
+    assert "cannot read an image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ask", "chat"])
+def test_unknown_task_exits_2(saved, command, capsys):
+    from tinygptv.cli import main
+
+    root, _ = saved
+    args = [command, str(root / "red.png")] + (["what ?"] if command == "ask" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--task", "segment", "--model", str(root / "model")])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'segment'" in capsys.readouterr().err
+
+
+def test_bad_images_through_the_real_command(saved, bad_images):
+    """End to end in a subprocess: exit code 2 and no traceback from `ask`; `chat` reports each bad
+    `/image` and `/task` and carries on; `chat` with a bad first image exits 2."""
+    root, _ = saved
+    out = _run("ask", str(bad_images / "bomb.png"), "what ?", "--model", str(root / "model"))
+    assert out.returncode == 2 and "has too many pixels" in out.stderr and "Traceback" not in out.stderr
+    names = ["empty.png", "notes.jpg", "directory.png", "bomb.png", "huge.png"]
+    script = "".join(f"/image {bad_images / n}\n" for n in names) + "/task segment\nwhat color is it ?\n/quit\n"
+    out = _run("chat", str(root / "red.png"), "--model", str(root / "model"), "--max-new-tokens", "2", stdin=script)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.stdout.count("error: ") == len(names) + 1 and "unknown task 'segment'" in out.stdout
+    assert out.stdout.count("tinygptv> ") == 1  # the red image is still the one talked about
+    out = _run("chat", str(bad_images / "empty.png"), "--model", str(root / "model"), stdin="/quit\n")
+    assert out.returncode == 2 and "the file is empty" in out.stderr and "Traceback" not in out.stderr

@@ -61,8 +61,15 @@ def parse_answer(text: str, image_size: tuple[int, int] | None, task: str | None
     return Answer(text=text, boxes=boxes)
 
 
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Largest image :func:`load_image` decodes (64 Mpx, ~200 MB as RGB). The model sees 224 or 448 px,
+so anything larger is a mistake or a decompression bomb; the size is read from the header first."""
+
+
 def load_image(image: "Image | str | Path | bytes") -> "Image":
-    """An RGB PIL image from a PIL image, a path or encoded bytes; a clear error if it is not one."""
+    """An RGB PIL image from a PIL image, a path or encoded bytes; a ``ValueError`` naming the
+    problem if it is not one (empty, not an image, truncated, unreadable, too many pixels), a
+    ``FileNotFoundError`` if the path does not exist."""
     import io
 
     from PIL import Image as PILImage
@@ -70,17 +77,31 @@ def load_image(image: "Image | str | Path | bytes") -> "Image":
 
     if isinstance(image, PILImage.Image):
         return image.convert("RGB")
-    try:
-        if isinstance(image, (bytes, bytearray)):
-            img = PILImage.open(io.BytesIO(image))
-        else:
-            img = PILImage.open(Path(image))
-        img.load()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image not found: {image}") from None
-    except (UnidentifiedImageError, OSError) as err:
-        where = "the given bytes" if isinstance(image, (bytes, bytearray)) else str(image)
-        raise ValueError(f"cannot read an image from {where}: {err}") from None
+    where = "the given bytes" if isinstance(image, (bytes, bytearray)) else str(image)
+    if isinstance(image, (bytes, bytearray)):
+        source = io.BytesIO(image)
+    else:
+        source = Path(image)
+        if not source.exists():
+            raise FileNotFoundError(f"image not found: {image}")
+        if source.is_file() and source.stat().st_size == 0:
+            raise ValueError(f"cannot read an image from {where}: the file is empty")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)  # our own, lower limit applies
+        try:
+            img = PILImage.open(source)
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"the image in {where} has too many pixels: {width}x{height}, more than the limit of "
+                    f"{MAX_IMAGE_PIXELS} (8192 x 8192); resize it first"
+                )
+            img.load()
+        except PILImage.DecompressionBombError as err:  # Pillow's own limit, raised while opening
+            raise ValueError(f"the image in {where} has too many pixels: {err}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, EOFError) as err:
+            # OSError: unreadable or truncated files, directories; SyntaxError/EOFError: malformed headers
+            raise ValueError(f"cannot read an image from {where}: {err}") from None
     return img.convert("RGB")
 
 
@@ -110,9 +131,10 @@ class Conversation:
         self.history, self._cache, self._cached_ids = [], None, []
 
     def add_image(self, image: "Image | str | Path | bytes") -> None:
+        loaded = load_image(image)  # a bad image leaves the conversation as it was
         if self.history:
             self.reset()
-        self.images.append(load_image(image))
+        self.images.append(loaded)
         self._image_embeds = None
         self._cache, self._cached_ids = None, []
 

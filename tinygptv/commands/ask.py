@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .options import add_model_options, add_sampling_options, load_model_from_args, sampling_kwargs
+from .options import TASKS, add_model_options, add_sampling_options, load_model_from_args, sampling_kwargs
 
 
 def register(subparsers) -> None:
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("image", help="image file ('-' for none: a text-only question)")
     p.add_argument("question", help="the question or instruction")
-    p.add_argument("--task", choices=["vqa", "caption", "refer", "identify", "grounding", "detection"], default=None,
+    p.add_argument("--task", choices=TASKS, default=None,
                    help="task identifier of the stage-4 template")
     p.add_argument("--json", action="store_true", help='print {"answer": ..., "boxes": [...]} on one line')
     p.add_argument("--draw", metavar="OUT.png", default=None, help="save the image with the predicted boxes drawn")

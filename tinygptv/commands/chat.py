@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 
-from .options import add_model_options, add_sampling_options, load_model_from_args, sampling_kwargs
+from .options import TASKS, add_model_options, add_sampling_options, load_model_from_args, sampling_kwargs
 
 HELP = """commands: /image PATH  talk about another image (starts over)
-          /task NAME   task identifier for the next questions (vqa, caption, refer, identify, grounding, none)
+          /task NAME   task identifier for the next questions (vqa, caption, refer, identify, grounding, detection, none)
           /reset       forget the conversation (keep the image)
           /quit        leave"""
 
@@ -15,7 +15,7 @@ HELP = """commands: /image PATH  talk about another image (starts over)
 def register(subparsers) -> None:
     p = subparsers.add_parser("chat", help="chat about an image in the terminal (streaming, multi-turn)")
     p.add_argument("image", nargs="?", default=None, help="image to talk about (or /image PATH later)")
-    p.add_argument("--task", default=None, help="task identifier to start with")
+    p.add_argument("--task", choices=TASKS, default=None, help="task identifier to start with")
     p.add_argument("--draw", metavar="OUT.png", default=None, help="after each answer with boxes, save the drawing here")
     add_model_options(p)
     add_sampling_options(p)
@@ -23,12 +23,15 @@ def register(subparsers) -> None:
 
 
 def run(args, stdin=None, stdout=None) -> int:
+    from ..chat import load_image
+
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    image = load_image(args.image) if args.image else None  # a bad image fails before the model loads
     model = load_model_from_args(args)
     conv = model.chat(args.template, **sampling_kwargs(args))
     task = args.task
-    if args.image:
-        conv.add_image(args.image)
+    if image is not None:
+        conv.add_image(image)
     print(f"TinyGPT-V chat ({model.config.name}). {HELP}", file=stdout)
     while True:
         print("you> ", end="", file=stdout, flush=True)
@@ -52,7 +55,11 @@ def run(args, stdin=None, stdout=None) -> int:
                 except (ValueError, FileNotFoundError) as err:
                     print(f"error: {err}", file=stdout)
             elif command == "/task":
-                task = None if rest.strip() in ("", "none") else rest.strip()
+                name = rest.strip()
+                if name not in ("", "none", *TASKS):
+                    print(f"error: unknown task {name!r}; tasks are {', '.join(TASKS)}, none", file=stdout)
+                    continue
+                task = None if name in ("", "none") else name
                 print(f"(task: {task or 'none'})", file=stdout)
             else:
                 print(HELP, file=stdout)

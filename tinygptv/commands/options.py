@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+TASKS = ("vqa", "caption", "refer", "identify", "grounding", "detection")
+"""The stage-4 task identifiers (``tinygptv.chat.TASKS``, repeated here to keep torch out of ``--help``)."""
+
 
 def add_model_options(p) -> None:
     g = p.add_argument_group("model")
