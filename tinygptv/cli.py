@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "tinygptv.commands.data",
     "tinygptv.commands.convert",
     "tinygptv.commands.train",
+    "tinygptv.commands.recipe",
     "tinygptv.commands.plot",
     "tinygptv.commands.eval",
     "tinygptv.commands.eval_report",

@@ -284,7 +284,12 @@ def _micro() -> TinyGPTVConfig:
             image_size=224, patch_size=16, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512
         ),
         qformer=QFormerConfig(
-            hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, num_query_tokens=32
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            intermediate_size=512,
+            num_query_tokens=32,
+            cross_attention_frequency=1,  # two layers: both read the image (BLIP-2: 6 of 12)
         ),
         language=LanguageConfig(
             vocab_size=1024,

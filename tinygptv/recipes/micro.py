@@ -1,0 +1,437 @@
+"""The micro recipe: a TinyGPT-V trained from nothing on the shapes world, on two CPU cores.
+
+The paper's model starts from pretrained Phi-2, EVA-ViT-g and BLIP-2 Q-Former and trains four
+stages on top (section 4.1). The micro model is the same architecture, only smaller
+(``tinygptv-micro``), and the recipe follows the same path, first making its own ingredients:
+
+====  ==================  ====================================================================
+ #    phase               what it does (output folder under ``--out``)
+====  ==================  ====================================================================
+ 0    world               ``tinygptv data make-shapes`` (``world/``)
+ 1    tokenizer           byte-level BPE on the world's texts (``tokenizer/``)
+ 2    language model      causal-LM pretraining of the micro Phi, without TinyGPT-V's norms (``lm/``)
+ 3    vision              ViT + Q-Former, BLIP-2's generative objective through the frozen LM (``vision/``)
+ 4    base                the TinyGPT-V model: pretrained frozen parts, TinyGPT-V's norms and LoRA
+                          added, fresh projections; our format (``base/``), the stages' ``base_weights``
+ 5-8  stages 1-4          ``configs/micro/stage{1..4}.yaml`` through :func:`tinygptv.train.train`
+                          (``stage1/`` .. ``stage4/``), each evaluated on the test and
+                          compositional splits when it ends
+ 9    package             base + stage 4, LoRA merged, one directory (``model/``)
+====  ==================  ====================================================================
+
+Phases 1-3 are in :mod:`tinygptv.recipes.world_tokenizer` and :mod:`tinygptv.recipes.pretrain`
+(which says why the vision pretraining is generative). The four stages are the paper's, unchanged:
+the same trainer, the same :func:`tinygptv.stages.apply_stage`, the same schedules and templates;
+only the numbers in ``configs/micro`` are the micro model's. The one deliberate difference: stage 4
+runs at 224 px, not 448 (see ``configs/micro/stage4.yaml``).
+
+Everything is seeded and runs with a fixed number of threads and deterministic algorithms, so the
+same seed gives the same weights, bit for bit, on the same machine (``scripts/build_builtin_model.py``
+checks its output's hashes). ``report.json`` / ``report.md`` record per phase the wall and CPU time
+and the load average, the final losses and the accuracy after each stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .pretrain import PretrainSettings
+
+PRESET = "tinygptv-micro"
+STAGE_NUMBERS = (1, 2, 3, 4)
+EVAL_TASKS = ("vqa", "refer", "identify")
+"""Tasks scored after each stage (the targets of the built-in model)."""
+EVAL_SPLITS = ("test", "compositional")
+
+Logger = Callable[[str], None]
+
+
+@dataclass
+class MicroRecipe:
+    """Every number of the micro recipe outside the stage configs (``configs/micro``)."""
+
+    seed: int = 0
+    """Seed of the world, every model init and every data order."""
+    threads: int = 2
+    """Torch threads (a fixed count: results are bitwise repeatable only for the same count)."""
+    world_images: int = 6000
+    """Images of the shapes world (80 % train, 5 % val, 5 % test, 10 % compositional)."""
+    vocab_size: int = 1024
+    """Largest tokenizer (the micro LM's embedding rows)."""
+    lm_documents: int = 20000
+    """Texts of the world drawn for the tokenizer and the language-model pretraining."""
+    lm: PretrainSettings = field(
+        default_factory=lambda: PretrainSettings(steps=600, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30)
+    )
+    """Language-model pretraining (rows of ``seq_len`` tokens)."""
+    vision: PretrainSettings = field(
+        default_factory=lambda: PretrainSettings(steps=600, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30)
+    )
+    """Vision encoder + Q-Former pretraining."""
+    eval_limit: int | None = 200
+    """Questions per task and split scored after each stage (``None``: all)."""
+    eval_batch_size: int = 32
+    """Questions answered per batch in the evaluations."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_configs_dir() -> Path:
+    """``configs/micro`` of the source tree this package was installed from (editable install)."""
+    return Path(__file__).resolve().parents[2] / "configs" / "micro"
+
+
+# =============================================================================================
+# Bookkeeping: phases with times
+# =============================================================================================
+
+
+class Report:
+    """What the recipe measured, written to ``report.json`` after every phase."""
+
+    def __init__(self, out: Path, recipe: MicroRecipe):
+        self.path = out / "report.json"
+        self.data: dict[str, Any] = {"recipe": recipe.to_dict(), "phases": {}, "stages": {}, "accuracy": {}}
+
+    def phase(self, name: str, log: Logger):
+        return _Phase(self, name, log)
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+class _Phase:
+    def __init__(self, report: Report, name: str, log: Logger):
+        self.report, self.name, self.log = report, name, log
+
+    def __enter__(self):
+        self.load = os.getloadavg()[0]
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        self.log(f"== {self.name} (load average {self.load:.2f})")
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None:
+            return False
+        wall, cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+        record = {
+            "wall_s": round(wall, 1),
+            "cpu_s": round(cpu, 1),
+            "load_start": round(self.load, 2),
+            "load_end": round(os.getloadavg()[0], 2),
+        }
+        self.report.data["phases"][self.name] = record
+        self.report.save()
+        self.log(f"== {self.name} done in {wall:.1f} s (cpu {cpu:.1f} s, load average {record['load_end']:.2f})")
+        return False
+
+
+# =============================================================================================
+# Phases 0-4: the world and the frozen parts
+# =============================================================================================
+
+
+def plain_language_config(recipe_config):
+    """The micro LM as pretrained: the preset's Phi without TinyGPT-V's two added norms."""
+    return dataclasses.replace(recipe_config.language, qk_norm=False, post_attention_rmsnorm=False)
+
+
+def pretrain_config(model_config):
+    """The model the vision pretraining trains: the plain LM, no LoRA."""
+    plain = plain_language_config(model_config)
+    return dataclasses.replace(model_config, language=plain, lora=dataclasses.replace(model_config.lora, enabled=False))
+
+
+def make_world(out: Path, recipe: MicroRecipe) -> Path:
+    from ..data.shapes import make_shapes
+
+    world = out / "world"
+    if world.exists():
+        shutil.rmtree(world)
+    make_shapes(world, recipe.world_images, seed=recipe.seed)
+    return world
+
+
+def build_tokenizer(out: Path, documents, recipe: MicroRecipe):
+    from .world_tokenizer import train_world_tokenizer
+
+    from .pretrain import document_texts
+
+    tokenizer = train_world_tokenizer(document_texts(documents), recipe.vocab_size)
+    tokenizer.save_pretrained(out / "tokenizer")
+    return tokenizer
+
+
+def build_language_model_phase(out: Path, tokenizer, documents, recipe: MicroRecipe, log: Logger) -> dict[str, Any]:
+    """Pretrain the plain micro LM; saves ``lm/model.safetensors``, returns its state and losses."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..config import get_preset
+    from ..model.language import build_language_model
+    from .pretrain import pretrain_language_model
+
+    config = get_preset(PRESET)
+    torch.manual_seed(recipe.seed)
+    lm = build_language_model(plain_language_config(config), config.initializer_range)
+    losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log)
+    state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
+    (out / "lm").mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "lm" / "model.safetensors"))
+    return {"state": state, "losses": losses}
+
+
+def build_vision_phase(out: Path, world: Path, tokenizer, lm_state, recipe: MicroRecipe, log: Logger) -> dict[str, Any]:
+    """Pretrain ViT + Q-Former through the frozen LM; saves ``vision/model.safetensors``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ..config import get_preset
+    from ..model.tinygptv import TinyGPTV
+    from .pretrain import pretrain_vision
+
+    torch.manual_seed(recipe.seed + 1)
+    model = TinyGPTV(pretrain_config(get_preset(PRESET)), tokenizer=tokenizer)
+    model.language_model.load_state_dict(lm_state)
+    losses = pretrain_vision(model, world, recipe.vision, recipe.seed, log)
+    state = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
+    state.update({f"qformer.{k}": v for k, v in model.qformer.state_dict().items()})
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    (out / "vision").mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / "vision" / "model.safetensors"))
+    return {"state": state, "losses": losses}
+
+
+def assemble_base(tokenizer, lm_state, vision_state, seed: int, overrides: dict[str, Any] | None = None):
+    """The TinyGPT-V micro model before stage 1: the pretrained LM, ViT and Q-Former, with
+    TinyGPT-V's added norms at their initial values (QK LayerNorms 1/0, RMSNorms 1), a new LoRA
+    (B = 0) and fresh projections, all drawn from ``seed``. ``overrides`` are dotted config
+    overrides (the ablations remove modules this way)."""
+    import torch
+
+    from ..config import get_preset
+    from ..model.tinygptv import TinyGPTV
+    from ..model.weights import model_keys, parameter_kind
+
+    config = get_preset(PRESET).replace(**(overrides or {}))
+    torch.manual_seed(seed)
+    model = TinyGPTV(config, tokenizer=tokenizer)
+    pretrained = {f"language_model.{k}": v for k, v in lm_state.items()}
+    pretrained.update(vision_state)
+    keys = model_keys(model)
+    state = model.state_dict()
+    unknown = sorted(set(pretrained) - set(keys))
+    if unknown:
+        raise ValueError(f"pretrained tensors the model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for canonical, tensor in pretrained.items():
+            target = state[keys[canonical]]
+            if target.shape != tensor.shape:
+                raise ValueError(f"{canonical}: pretrained {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            target.copy_(tensor)
+    fresh = sorted(k for k in set(keys) - set(pretrained) if parameter_kind(k) == "pretrained" and "rotary" not in k)
+    if fresh:
+        raise ValueError(f"pretrained parts left at their random init: {fresh[:5]}")
+    return model.eval()
+
+
+# =============================================================================================
+# Phases 5-8: the four TinyGPT-V stages
+# =============================================================================================
+
+
+def stage_config(
+    configs_dir: Path, number: int, out: Path, world: Path, base: Path, recipe: MicroRecipe, overrides: Sequence[str] = ()
+):
+    """``configs/micro/stage{number}.yaml`` with this recipe's paths and seed."""
+    from ..train_config import load_train_config
+
+    path = configs_dir / f"stage{number}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no stage config {path}: pass the configs/micro directory of a source checkout")
+    paths = [f"out_dir={out / f'stage{number}'}", f"data.root={world}", f"base_weights={base}", f"seed={recipe.seed}"]
+    paths.append(f"init_from={out / f'stage{number - 1}'}" if number > 1 else "init_from=null")
+    config = load_train_config(path, [*paths, *overrides])
+    if config.stage != number:
+        raise ValueError(f"{path} declares stage {config.stage}, expected {number}")
+    return config
+
+
+def final_loss(run_dir: Path, last: int = 10) -> float:
+    """Mean training loss of the last ``last`` steps of a run."""
+    from ..train_log import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
+    tail = losses[-last:]
+    return sum(tail) / len(tail)
+
+
+def stage_model(base: Path, run_dir: Path):
+    """The model at the end of a stage: the base with the stage's trainable weights."""
+    from ..model.tinygptv import TinyGPTV
+    from ..train import TRAINABLE_FILE, load_trainable
+
+    model = TinyGPTV.from_pretrained(base)
+    load_trainable(model, run_dir / TRAINABLE_FILE)
+    return model.eval()
+
+
+def evaluate(model, world: Path, recipe: MicroRecipe, limit: int | None = None) -> dict[str, dict[str, float]]:
+    """Accuracy (%) per split and task on the shapes world (:func:`tinygptv.eval.shapes.evaluate_shapes`)."""
+    from ..eval.shapes import evaluate_shapes
+
+    summary = evaluate_shapes(
+        model, world, EVAL_SPLITS, EVAL_TASKS, limit=limit, batch_size=recipe.eval_batch_size
+    )
+    return summary["accuracy"]
+
+
+# =============================================================================================
+# The whole recipe
+# =============================================================================================
+
+
+def run_micro_recipe(
+    out: str | Path,
+    recipe: MicroRecipe | None = None,
+    configs_dir: str | Path | None = None,
+    stage_overrides: Sequence[str] = (),
+    evaluate_stages: bool = True,
+    progress: bool = False,
+    log: Logger = print,
+) -> dict[str, Any]:
+    """Run every phase into ``out`` (which must not hold an earlier run) and return the report.
+
+    ``stage_overrides`` are ``key=value`` settings applied to every stage config (tests shorten the
+    stages this way); ``evaluate_stages=False`` skips the evaluations.
+    """
+    import torch
+
+    from ..train import train
+
+    recipe = recipe or MicroRecipe()
+    out = Path(out)
+    configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
+    if (out / "report.json").exists():
+        raise ValueError(f"{out} already holds a recipe run (report.json); choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads)
+    torch.use_deterministic_algorithms(True)
+    report = Report(out, recipe)
+    overrides = [f"progress={str(progress).lower()}", *stage_overrides]
+    start = time.perf_counter()
+
+    with report.phase("world", log):
+        world = make_world(out, recipe)
+    with report.phase("tokenizer", log):
+        from .pretrain import world_documents
+
+        documents = world_documents(world, recipe.lm_documents, recipe.seed)
+        tokenizer = build_tokenizer(out, documents, recipe)
+        report.data["tokenizer"] = {"tokens": len(tokenizer)}
+    with report.phase("language model", log):
+        lm = build_language_model_phase(out, tokenizer, documents, recipe, log)
+        report.data["pretrain_loss"] = {"language model": _tail_mean(lm["losses"])}
+    with report.phase("vision", log):
+        vision = build_vision_phase(out, world, tokenizer, lm["state"], recipe, log)
+        report.data["pretrain_loss"]["vision"] = _tail_mean(vision["losses"])
+    with report.phase("base", log):
+        base = out / "base"
+        assemble_base(tokenizer, lm["state"], vision["state"], recipe.seed).save_pretrained(base)
+
+    for number in STAGE_NUMBERS:
+        with report.phase(f"stage {number}", log):
+            run_dir = train(stage_config(configs_dir, number, out, world, base, recipe, overrides))
+            report.data["stages"][str(number)] = {"final_loss": round(final_loss(run_dir), 4)}
+        if evaluate_stages:
+            with report.phase(f"eval {number}", log):
+                accuracy = evaluate(stage_model(base, run_dir), world, recipe, recipe.eval_limit)
+                report.data["accuracy"][str(number)] = accuracy
+                log(format_accuracy({str(number): accuracy}))
+
+    with report.phase("package", log):
+        package(base, out / "stage4", out / "model")
+    report.data["total_wall_s"] = round(time.perf_counter() - start, 1)
+    report.save()
+    (out / "report.md").write_text(format_report(report.data) + "\n")
+    log(format_report(report.data))
+    return report.data
+
+
+def package(base: Path, run_dir: Path, target: Path) -> Path:
+    """The finished model in one directory of our format: base + the last stage, LoRA merged."""
+    model = stage_model(base, run_dir)
+    model.merge_lora()
+    if target.exists():
+        shutil.rmtree(target)
+    model.save_pretrained(target)
+    return target
+
+
+def _tail_mean(losses: Sequence[float], last: int = 10) -> float:
+    tail = list(losses)[-last:]
+    return round(sum(tail) / len(tail), 4)
+
+
+# =============================================================================================
+# Tables
+# =============================================================================================
+
+
+def format_accuracy(accuracy: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: one row per stage, one column per split/task."""
+    columns = [(s, t) for s in EVAL_SPLITS for t in EVAL_TASKS]
+    lines = [
+        "| after stage | " + " | ".join(f"{s} {t}" for s, t in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for stage, table in accuracy.items():
+        cells = [_percent(table.get(s, {}).get(t)) for s, t in columns]
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def format_report(data: dict[str, Any]) -> str:
+    lines = ["## Phases", "", "| phase | wall s | cpu s | load average (start/end) |", "|---|---|---|---|"]
+    for name, p in data["phases"].items():
+        lines.append(f"| {name} | {p['wall_s']} | {p['cpu_s']} | {p['load_start']} / {p['load_end']} |")
+    if "total_wall_s" in data:
+        lines.append(f"| **total** | **{data['total_wall_s']}** | | |")
+    lines += ["", "## Losses", "", "| phase | final loss (mean of the last 10 steps) |", "|---|---|"]
+    for name, loss in data.get("pretrain_loss", {}).items():
+        lines.append(f"| pretrain {name} | {loss} |")
+    for number, stage in data["stages"].items():
+        lines.append(f"| stage {number} | {stage['final_loss']} |")
+    if data["accuracy"]:
+        limit = data["recipe"]["eval_limit"]
+        lines += ["", f"## Accuracy (%) after each stage (first {limit} questions per task and split)", ""]
+        lines.append(format_accuracy(data["accuracy"]))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "EVAL_SPLITS",
+    "EVAL_TASKS",
+    "MicroRecipe",
+    "assemble_base",
+    "default_configs_dir",
+    "evaluate",
+    "format_accuracy",
+    "format_report",
+    "package",
+    "run_micro_recipe",
+    "stage_config",
+    "stage_model",
+]

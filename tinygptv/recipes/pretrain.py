@@ -1,0 +1,499 @@
+"""Pretraining the micro model's frozen parts, which the paper takes ready-made.
+
+TinyGPT-V starts from three pretrained, frozen components: Phi-2 (a language model), EVA-ViT-g and
+BLIP-2's Q-Former (an image encoder whose 32 query outputs already describe the image in a form a
+language model can read). The micro model has no such ingredients, so the micro recipe makes its
+own, on the shapes world, before the four TinyGPT-V stages:
+
+1. **Language model** (:func:`pretrain_language_model`): a plain causal-LM run of the micro Phi
+   (:class:`~tinygptv.model.language.TinyGPTVPhiForCausalLM`) on text-only renderings of every text
+   the world has, in each stage's template (:func:`world_documents`), packed into fixed-length
+   rows. Like Phi-2 it is trained *without* TinyGPT-V's QK norm and post-attention RMSNorm: those
+   are TinyGPT-V's additions, put on top of the pretrained LM at their identity-like init when the
+   base model is assembled, exactly as the paper adds them to Phi-2. This also keeps the Table 4
+   ablation meaningful: removing an added norm leaves the pretrained LM as it was.
+
+2. **Vision encoder + Q-Former** (:func:`pretrain_vision`): BLIP-2's generative objective. The ViT,
+   the Q-Former and a temporary projection train together through the frozen language model of
+   step 1 to write the image's texts: short captions, detailed descriptions (every object with its
+   size, colour, shape and position) and grounded captions (every object with its box). The
+   temporary projection is then thrown away; the four TinyGPT-V stages start from fresh
+   projections, as the paper's stage 1 does.
+
+   Why generative rather than contrastive (image-text matching in a shared space, BLIP-2's first
+   objective): a contrastive loss is satisfied once an image is told apart from the other images
+   of its batch, which needs a few salient attributes; nothing in it asks for the exact box of
+   every object, and boxes (``[refer]``, ``[grounding]``) are what the micro model most needs from
+   its frozen parts. Writing a grounded caption through the LM asks for every object's colour,
+   shape, size and box, in the form the LM reads. It also costs one model pass per sample instead
+   of two encoders over a batch of pairs.
+
+Both loops are short by design (a few minutes on two CPU cores) and deterministic: the data order
+is a pure function of the seed, and nothing else is random but the seeded model init.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.encoding import IGNORE_INDEX, IMAGE_TOKEN_ID, encode_chunks
+
+if TYPE_CHECKING:
+    from ..data.shapes import Scene
+
+Chunks = list[tuple[str, bool]]
+Document = tuple[Chunks, "Scene | None"]
+"""A text of the world: its template chunks, and the scene of its image (None: no image)."""
+Logger = Callable[[str], None]
+
+
+@dataclass
+class PretrainSettings:
+    """One pretraining loop: AdamW with a linear warm-up and a cosine decay."""
+
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Rows (language model) or samples (vision) per step."""
+    lr: float = 1e-3
+    """Peak learning rate, reached after the warm-up."""
+    min_lr: float = 1e-4
+    """Learning rate at the last step."""
+    warmup_steps: int = 30
+    """Steps of linear warm-up from ``lr / 100``."""
+    weight_decay: float = 0.01
+    """AdamW's decoupled weight decay on matrices (none on norms and biases)."""
+    seq_len: int = 256
+    """Language model only: tokens per packed row."""
+    log_every: int = 50
+    """Report the mean loss every this many steps."""
+
+
+# =============================================================================================
+# The world's texts
+# =============================================================================================
+
+DOCUMENT_RATIOS = {
+    "shapes_pairs": 5.0,
+    "shapes_detail": 5.0,
+    "shapes_vqa": 30.0,
+    "shapes_refer": 30.0,
+    "shapes_identify": 20.0,
+    "shapes_grounding": 3.0,
+    "shapes_caption": 2.0,
+    "shapes_conversation": 4.0,
+    "shapes_text": 1.0,
+}
+"""How often each of the world's texts is drawn for the language model: every stage's texts, the
+question-answer kinds most (reading a scene to answer is what the LM must learn from them)."""
+
+_IMAGE_KEYED = ("shapes_pairs", "shapes_detail", "shapes_grounding", "shapes_conversation", "shapes_caption")
+"""Sources whose sample id is the image id; the others (questions, referring annotations) number
+their records ``image_id * 10 + k`` (:mod:`tinygptv.data.shapes`)."""
+
+
+SCENE_OBJECTS = 4
+"""Object groups in a scene's token sequence (the world draws 1-4 objects per image)."""
+GROUP = ("size", "color", "shape", "x1", "y1", "x2", "y2")
+"""One object's tokens, in order: its words and its 0-100 box corners."""
+SCENE_LENGTH = 3 + SCENE_OBJECTS * len(GROUP) + 1
+"""Tokens of a scene: background (3), object groups, an end token: 32, one per Q-Former query."""
+EMPTY = "."
+"""The token that fills the groups of absent objects and ends the scene."""
+
+
+def scene_words(scene) -> list[list[str]]:
+    """The background and each object as the tokens (as strings) of the scene sequence."""
+    from ..data.boxes import normalize_box
+    from ..data.shapes import CANONICAL_SIZE, _background_phrase  # the captions' wording
+
+    background = _background_phrase(scene).split()[1:]  # "a striped gray background" -> 3 words
+    groups = []
+    for obj in scene.objects:
+        box = normalize_box(obj.box, CANONICAL_SIZE, CANONICAL_SIZE)
+        groups.append([f" {obj.size}", f" {obj.color}", f" {obj.shape}", *(f"<{v}>" for v in box)])
+    return [[f" {w}" for w in background], *groups]
+
+
+def token_id(tokenizer, token: str) -> int:
+    """The id of a string that must be exactly one token."""
+    ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{token!r} is {len(ids)} tokens in this tokenizer; a scene needs single tokens")
+    return ids[0]
+
+
+def scene_tokens(scene, tokenizer, order: Sequence[int]) -> list[int]:
+    """The image as :data:`SCENE_LENGTH` token ids: the background, then :data:`SCENE_OBJECTS`
+    object groups (size, colour, shape, x1, y1, x2, y2), object ``k`` in group ``order[k]`` and
+    the other groups :data:`EMPTY`, then :data:`EMPTY`. ``order`` is a permutation of the groups."""
+    background, *objects = scene_words(scene)
+    empty = token_id(tokenizer, EMPTY)
+    groups = [[empty] * len(GROUP) for _ in range(SCENE_OBJECTS)]
+    for k, words in enumerate(objects):
+        groups[order[k]] = [token_id(tokenizer, w) for w in words]
+    ids = [token_id(tokenizer, w) for w in background]
+    for group in groups:
+        ids.extend(group)
+    return [*ids, empty]
+
+
+def _image_id(sample) -> int:
+    return int(sample.id) if sample.source in _IMAGE_KEYED else int(sample.id) // 10
+
+
+def world_documents(root: str | Path, num_docs: int, seed: int, split: str = "train") -> list[Document]:
+    """``num_docs`` texts of the world, drawn by ratio, deterministically by ``seed``: captions
+    (``pretrain`` template), detailed descriptions (``stage3``) and the stage-4 multi-task mix
+    (``stage4``), each as the ``(text, is_target)`` chunks its template writes, with the scene of
+    its image (None for text-only ones)."""
+    from ..data.mixture import Mixture
+    from ..data.shapes import load_scenes, shapes_sources
+    from ..data.templates import template_for_stage
+
+    sources, ratios, templates = {}, {}, {}
+    for stage in (1, 3, 4):
+        stage_sources, stage_ratios = shapes_sources(root, stage, split=split, image_size=224)
+        for name, source in stage_sources.items():
+            sources[name] = source
+            ratios[name] = DOCUMENT_RATIOS[name]
+            templates[name] = template_for_stage(stage)
+    scenes = {scene.image_id: scene for scene in load_scenes(root, split)}
+    mixture = Mixture(sources, ratios, seed=seed)
+    documents = []
+    for draw in range(num_docs):
+        sample = mixture.load(draw)
+        scene = scenes[_image_id(sample)] if sample.images else None
+        documents.append((templates[sample.source].chunks(sample), scene))
+    return documents
+
+
+def document_texts(documents: Sequence[Document]) -> Iterator[str]:
+    """Every text of ``documents`` as the tokenizer meets it: the chunks, and each scene's words."""
+    for chunks, scene in documents:
+        yield from (text for text, _ in chunks)
+        if scene is not None:
+            yield "".join(w for group in scene_words(scene) for w in group)
+
+
+def encode_document(tokenizer, document: Document, rng) -> tuple[list[int], list[int]]:
+    """A document's tokens and targets: its scene's tokens (groups in an order drawn from
+    ``rng``) where the image's slots would be, not targets (an image is read, never written); the
+    rest tokenised exactly as the stages tokenise it (pieces around the image separately, BOS
+    first), every token a target."""
+    chunks, scene = document
+    ids = encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids  # one slot per image
+    out: list[int] = []
+    labels: list[int] = []
+    for token in ids:
+        if token == IMAGE_TOKEN_ID:
+            scene_ids = scene_tokens(scene, tokenizer, rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS))
+            out.extend(scene_ids)
+            labels.extend([IGNORE_INDEX] * len(scene_ids))
+        else:
+            out.append(token)
+            labels.append(token)
+    return out, labels
+
+
+def pack_documents(tokenizer, documents: Sequence[Document], seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows and their targets, both (N, seq_len): the documents (:func:`encode_document`),
+    each followed by EOS, concatenated and cut."""
+    import random
+
+    rng = random.Random(seed)
+    stream: list[int] = []
+    targets: list[int] = []
+    for document in documents:
+        ids, labels = encode_document(tokenizer, document, rng)
+        stream.extend([*ids, tokenizer.eos_token_id])
+        targets.extend([*labels, tokenizer.eos_token_id])
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise ValueError(f"{len(stream)} tokens of text are fewer than one row of {seq_len}")
+    cut = rows * seq_len
+    return (
+        torch.tensor(stream[:cut], dtype=torch.long).view(rows, seq_len),
+        torch.tensor(targets[:cut], dtype=torch.long).view(rows, seq_len),
+    )
+
+
+# =============================================================================================
+# Optimisation shared by both loops
+# =============================================================================================
+
+
+def _optimizer(params: Sequence[nn.Parameter], settings: PretrainSettings):
+    from ..schedules import warmup_cosine
+
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr)
+    warmup = min(settings.warmup_steps, settings.steps)
+
+    def factor(step: int) -> float:
+        lr = warmup_cosine(step, settings.steps, warmup, settings.lr / 100, settings.lr, settings.min_lr)
+        return lr / settings.lr
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _fit(
+    step_loss: Callable[[int], torch.Tensor],
+    params: Sequence[nn.Parameter],
+    settings: PretrainSettings,
+    what: str,
+    log: Logger | None,
+) -> list[float]:
+    """``settings.steps`` AdamW steps on ``step_loss(step)``; returns the loss of every step."""
+    optimizer, scheduler = _optimizer(params, settings)
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(settings.steps):
+        loss = step_loss(step)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"{what} pretraining: the loss is {loss.item()} at step {step + 1}")
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if log and ((step + 1) % settings.log_every == 0 or step + 1 == settings.steps):
+            recent = losses[-settings.log_every :]
+            log(
+                f"{what} step {step + 1}/{settings.steps}: loss {sum(recent) / len(recent):.4f} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+    return losses
+
+
+# =============================================================================================
+# 1. the language model
+# =============================================================================================
+
+
+def pretrain_language_model(
+    lm: nn.Module,
+    tokenizer,
+    documents: Sequence[Document],
+    settings: PretrainSettings,
+    seed: int,
+    log: Logger | None = None,
+) -> list[float]:
+    """Train ``lm`` (a transformers causal LM) on the packed ``documents`` (scene tokens read, not written).
+    Rows are visited in a seeded random order, epoch after epoch. Returns the per-step losses."""
+    rows, targets = pack_documents(tokenizer, documents, settings.seq_len, seed)  # (N, T) each
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+    lm.train()
+
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal order
+        while len(order) < settings.batch_size:
+            order = torch.cat([order, torch.randperm(len(rows), generator=generator)])
+        picked, order = order[: settings.batch_size], order[settings.batch_size :]
+        return lm(input_ids=rows[picked], labels=targets[picked]).loss
+
+    params = [p for p in lm.parameters() if p.requires_grad]
+    return _fit(step_loss, params, settings, "language model", log)
+
+
+# =============================================================================================
+# 2. the vision encoder and the Q-Former
+# =============================================================================================
+
+
+def init_sincos_positions(vision) -> None:
+    """Set the ViT's learned position table to MAE's fixed 2-D sine-cosine code (the class token's
+    row to zero). It stays a trainable parameter; only its starting point changes: with BLIP-2's
+    random init (std 0.02) positions are a whisper against the patch contents and boxes come late."""
+    table = vision.model.embeddings.position_embedding  # (1, 1 + G*G, C)
+    width = table.shape[-1]
+    side = vision.cfg.image_size // vision.cfg.patch_size
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32), indexing="ij")
+    parts = []
+    for coord in (xs.reshape(-1), ys.reshape(-1)):
+        angle = coord[:, None] * omega[None]  # (G*G, C/4)
+        parts += [torch.sin(angle), torch.cos(angle)]
+    code = torch.cat(parts, dim=1)  # (G*G, 4 * C/4)
+    with torch.no_grad():
+        table.zero_()
+        table[0, 1:, : code.shape[1]] = code
+
+
+class ImageBank:
+    """A split's images as uint8 (N, S, S, 3) in memory with their scenes, normalised on demand
+    exactly as :class:`~tinygptv.data.image_processing.ImageProcessor` does at the world's size."""
+
+    def __init__(self, root: str | Path, split: str):
+        import numpy as np
+        from PIL import Image
+
+        from ..data.shapes import load_scenes
+
+        self.scenes = load_scenes(root, split)
+        folder = Path(root) / "images" / "224"
+        self.pixels = torch.from_numpy(
+            np.stack([np.asarray(Image.open(folder / s.file_name).convert("RGB")) for s in self.scenes])
+        )
+
+    def normalized(self, indices: Sequence[int]) -> torch.Tensor:
+        """Images ``indices`` as (N, 3, H, W) CLIP-normalised floats."""
+        from ..data.image_processing import CLIP_MEAN, CLIP_STD
+
+        x = self.pixels[list(indices)].float() * (1 / 255)
+        x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+        return x.permute(0, 3, 1, 2).contiguous()
+
+
+def reading_order(scene):
+    """The scene with its objects sorted left to right by box centre (top to bottom on a tie):
+    the order in which the Q-Former's queries write them."""
+    import dataclasses
+
+    objects = sorted(scene.objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))
+    return dataclasses.replace(scene, objects=objects)
+
+
+PATCH_LABELS = {"color": 8, "shape": 6, "size": 2, "rank": SCENE_OBJECTS}
+"""Per-patch classes of the ViT's dense targets (each with one more class: no object)."""
+
+
+class DenseTargets:
+    """The ViT's dense targets of one scene: per patch, the colour, shape, size and reading-order
+    rank of the object whose box holds the patch centre (or "none"), and that object's box
+    (0-1 corners); the background and its texture for the class token."""
+
+    def __init__(self, scene, grid: int, patch: int):
+        from ..data.shapes import BACKGROUNDS, COLORS, SHAPES, SIZES, TEXTURES
+
+        centres = (torch.arange(grid, dtype=torch.float32) + 0.5) * patch
+        cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+        cx, cy = cx.reshape(-1), cy.reshape(-1)
+        size = grid * patch
+        self.labels = torch.tensor([n for n in PATCH_LABELS.values()]).repeat(grid * grid, 1)  # "none"
+        self.boxes = torch.zeros(grid * grid, 4)
+        self.mask = torch.zeros(grid * grid)
+        vocab = (list(COLORS), list(SHAPES), list(SIZES))
+        for rank, obj in enumerate(reading_order(scene).objects):
+            x1, y1, x2, y2 = obj.box
+            inside = (cx >= x1) & (cx < x2) & (cy >= y1) & (cy < y2)
+            if not inside.any():  # a box between patch centres: its nearest patch
+                inside[int(((cy - (y1 + y2) / 2) ** 2 + (cx - (x1 + x2) / 2) ** 2).argmin())] = True
+            codes = [names.index(v) for names, v in zip(vocab, (obj.color, obj.shape, obj.size))]
+            self.labels[inside] = torch.tensor([*codes, rank])
+            self.boxes[inside] = torch.tensor([x1, y1, x2, y2], dtype=torch.float32) / size
+            self.mask[inside] = 1.0
+        self.scene_labels = torch.tensor([list(BACKGROUNDS).index(scene.background), list(TEXTURES).index(scene.texture)])
+
+
+class VisionHeads(nn.Module):
+    """Temporary heads of the vision pretraining, thrown away afterwards:
+
+    * ``dense``: per ViT patch token, :data:`PATCH_LABELS` and a box; ``scene``: background and
+      texture from the class token (the ViT's own targets, like a detector's);
+    * ``to_lm``: a linear map of each Q-Former output into the language model's embedding space,
+      scored against the frozen LM's input embeddings (the BLIP-2 projection's role)."""
+
+    def __init__(self, vision_width: int, qformer_width: int, lm_width: int):
+        super().__init__()
+        self.dense = nn.Linear(vision_width, sum(n + 1 for n in PATCH_LABELS.values()) + 4)
+        self.scene = nn.Linear(vision_width, 8)
+        self.to_lm = nn.Linear(qformer_width, lm_width)
+
+    def dense_loss(self, hidden: torch.Tensor, targets: Sequence[DenseTargets]) -> torch.Tensor:
+        out = self.dense(hidden[:, 1:])  # (N, P, classes + 4)
+        labels = torch.stack([t.labels for t in targets])  # (N, P, 4)
+        loss = hidden.new_zeros(())
+        start = 0
+        for k, n in enumerate(PATCH_LABELS.values()):
+            loss = loss + F.cross_entropy(out[..., start : start + n + 1].flatten(0, 1), labels[..., k].flatten())
+            start += n + 1
+        boxes, mask = torch.stack([t.boxes for t in targets]), torch.stack([t.mask for t in targets])
+        box_err = F.smooth_l1_loss(out[..., start:], boxes, reduction="none", beta=0.02).sum(-1)
+        loss = loss + 5.0 * (box_err * mask).sum() / mask.sum().clamp(min=1)
+        scene = self.scene(hidden[:, 0])
+        scene_labels = torch.stack([t.scene_labels for t in targets])
+        return loss + F.cross_entropy(scene[:, :4], scene_labels[:, 0]) + F.cross_entropy(scene[:, 4:], scene_labels[:, 1])
+
+    def token_loss(self, queries: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Query ``k`` must become token ``ids[:, k]``: cross-entropy of its image in the LM's
+        space against every embedding, plus its squared distance to the token's embedding."""
+        mapped = self.to_lm(queries)  # (N, Q, C)
+        logits = mapped @ embeddings.T
+        return F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + F.mse_loss(mapped, embeddings[ids])
+
+
+def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: int, log: Logger | None = None) -> list[float]:
+    """Train ``model.vision`` and ``model.qformer`` (of a :class:`~tinygptv.TinyGPTV` holding the
+    pretrained, frozen micro LM) on the world's training images:
+
+    * the ViT gets dense targets (:class:`DenseTargets`): every patch learns what it belongs to,
+      as a detector's backbone does; this is what makes a ViT from scratch see shapes in minutes;
+    * the Q-Former's 32 queries learn to become the image's scene tokens (:func:`scene_tokens`,
+      objects in reading order) in the LM's embedding space, the form in which the LM read
+      images during its own pretraining.
+
+    Returns the per-step losses."""
+    import random
+
+    cfg = model.config.vision
+    grid = cfg.image_size // cfg.patch_size
+    bank = ImageBank(root, "train")
+    tokenizer = model.tokenizer
+    embeddings = model.language_model.get_input_embeddings().weight.detach()
+    heads = VisionHeads(cfg.hidden_size, model.config.qformer.hidden_size, embeddings.shape[1])
+    init_sincos_positions(model.vision)
+    targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
+    identity = list(range(SCENE_OBJECTS))
+    ids = torch.tensor([scene_tokens(reading_order(scene), tokenizer, identity) for scene in bank.scenes])
+    if ids.shape[1] != model.num_image_tokens:
+        raise ValueError(f"a scene is {ids.shape[1]} tokens but the Q-Former has {model.num_image_tokens} queries")
+    model.requires_grad_(False)
+    for part in (model.vision, model.qformer):
+        part.requires_grad_(True)
+        part.train()
+    rng = random.Random(seed)
+    order: list[int] = []
+
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal order
+        if len(order) < settings.batch_size:
+            order += rng.sample(range(len(bank.scenes)), len(bank.scenes))
+        picked, order = order[: settings.batch_size], order[settings.batch_size :]
+        hidden = model.vision(bank.normalized(picked))
+        dense = heads.dense_loss(hidden, [targets[i] for i in picked])
+        return dense + heads.token_loss(model.qformer(hidden), ids[picked], embeddings)
+
+    params = [*model.vision.parameters(), *model.qformer.parameters(), *heads.parameters()]
+    losses = _fit(step_loss, params, settings, "vision", log)
+    model.requires_grad_(False)
+    model.eval()
+    return losses
+
+
+__all__ = [
+    "DOCUMENT_RATIOS",
+    "DenseTargets",
+    "ImageBank",
+    "PretrainSettings",
+    "VisionHeads",
+    "init_sincos_positions",
+    "pack_documents",
+    "pretrain_language_model",
+    "pretrain_vision",
+    "reading_order",
+    "scene_tokens",
+    "world_documents",
+]
