@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "tinygptv.commands.convert",
     "tinygptv.commands.train",
     "tinygptv.commands.recipe",
+    "tinygptv.commands.ablate",
     "tinygptv.commands.plot",
     "tinygptv.commands.eval",
     "tinygptv.commands.eval_report",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
+    from .train import accept_late_overrides
+
     p = subparsers.add_parser(
         "recipe",
         help="run a whole training recipe (micro: the built-in model, from nothing, on the CPU)",
@@ -25,6 +27,7 @@ def register(subparsers) -> None:
         "overrides", nargs="*", metavar="key=value", help="settings applied to every stage config (e.g. epochs=1)"
     )
     p.set_defaults(func=run)
+    accept_late_overrides(p)
 
 
 def run(args) -> int:

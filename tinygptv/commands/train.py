@@ -26,8 +26,15 @@ def register(subparsers) -> None:
         help="continue a killed run from its last checkpoint (finished stages are skipped)",
     )
     p.set_defaults(func=run)
-    # argparse hands key=value words that follow an option (`DIR --stages 1-4 data.root=X`) back
-    # as unrecognised; collect them as overrides, so that they may come before or after the options.
+    accept_late_overrides(p)
+
+
+def accept_late_overrides(p) -> None:
+    """Let ``key=value`` overrides (a positional ``overrides`` list) also follow the options.
+
+    argparse hands key=value words that follow an option (``DIR --stages 1-4 data.root=X``) back
+    as unrecognised; collect them as overrides, so that they may come before or after the options.
+    """
     parse_known_args = p.parse_known_args
 
     def parse_known_args_with_late_overrides(args=None, namespace=None):

@@ -249,9 +249,17 @@ def assemble_base(tokenizer, lm_state, vision_state, seed: int, overrides: dict[
 
 
 def stage_config(
-    configs_dir: Path, number: int, out: Path, world: Path, base: Path, recipe: MicroRecipe, overrides: Sequence[str] = ()
+    configs_dir: Path,
+    number: int,
+    out: Path,
+    world: Path,
+    base: Path,
+    recipe: MicroRecipe,
+    overrides: Sequence[str] = (),
+    model_overrides: dict[str, Any] | None = None,
 ):
-    """``configs/micro/stage{number}.yaml`` with this recipe's paths and seed."""
+    """``configs/micro/stage{number}.yaml`` with this recipe's paths and seed (and, for the
+    ablations, dotted overrides of the model preset)."""
     from ..train_config import load_train_config
 
     path = configs_dir / f"stage{number}.yaml"
@@ -262,6 +270,8 @@ def stage_config(
     config = load_train_config(path, [*paths, *overrides])
     if config.stage != number:
         raise ValueError(f"{path} declares stage {config.stage}, expected {number}")
+    if model_overrides:
+        config.model_overrides = {**config.model_overrides, **model_overrides}
     return config
 
 
@@ -421,7 +431,118 @@ def format_report(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# =============================================================================================
+# The ablation (the paper's Table 4)
+# =============================================================================================
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "TinyGPT-V": {},
+    "- LoRA": {"lora.enabled": False},
+    "- input LayerNorm": {"train_input_layernorm": False},
+    "- RMSNorm": {"language.post_attention_rmsnorm": False},
+    "- QK Norm": {"language.qk_norm": False},
+}
+"""The paper's Table 4 rows: the full model, then each of its four changes removed (a preset override)."""
+
+
+def run_ablation(
+    recipe_dir: str | Path,
+    out: str | Path,
+    recipe: MicroRecipe | None = None,
+    configs_dir: str | Path | None = None,
+    variants: Sequence[str] | None = None,
+    stage_overrides: Sequence[str] = (),
+    evaluate_final: bool = True,
+    log: Logger = print,
+) -> dict[str, Any]:
+    """The four stages again for each of :data:`ABLATIONS`, on the frozen parts of a finished
+    micro recipe run (``recipe_dir``: its ``world``, ``tokenizer``, ``lm`` and ``vision``), so
+    only what the paper's ablation changes differs. A stage the trainer stops (NaN/Inf loss or
+    gradient, vanished gradients) is recorded with the trainer's message and ends that row.
+    Returns ``{variant: {"stages": {n: loss | None}, "failure": str | None, "accuracy": ...}}``,
+    also written to ``out/ablation.json``."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    from ..train import TrainingStopped, train
+
+    recipe = recipe or MicroRecipe()
+    recipe_dir, out = Path(recipe_dir), Path(out)
+    configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
+    for part in ("world", "tokenizer", "lm/model.safetensors", "vision/model.safetensors"):
+        if not (recipe_dir / part).exists():
+            raise FileNotFoundError(f"{recipe_dir / part} is missing: pass the --out folder of `tinygptv recipe micro`")
+    names = list(variants or ABLATIONS)
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+    torch.set_num_threads(recipe.threads)
+    torch.use_deterministic_algorithms(True)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(recipe_dir / "tokenizer")
+    lm_state = load_file(str(recipe_dir / "lm" / "model.safetensors"))
+    vision_state = load_file(str(recipe_dir / "vision" / "model.safetensors"))
+    world = recipe_dir / "world"
+    results: dict[str, Any] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        overrides = ABLATIONS[name]
+        folder = out / _slug(name)
+        base = folder / "base"
+        assemble_base(tokenizer, lm_state, vision_state, recipe.seed, overrides).save_pretrained(base)
+        row: dict[str, Any] = {"stages": {}, "failure": None, "accuracy": None}
+        run_dir = None
+        for number in STAGE_NUMBERS:
+            log(f"== {name}: stage {number}")
+            config = stage_config(
+                configs_dir, number, folder, world, base, recipe, ["progress=false", *stage_overrides], overrides
+            )
+            try:
+                run_dir = train(config)
+            except TrainingStopped as stop:
+                row["failure"] = f"stage {number}: {stop}"
+                log(f"{name}: {stop}")
+                break
+            row["stages"][str(number)] = round(final_loss(run_dir), 4)
+        if evaluate_final and row["failure"] is None and run_dir is not None:
+            row["accuracy"] = evaluate(stage_model(base, run_dir), world, recipe, recipe.eval_limit)
+        results[name] = row
+        (out / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "ablation.md").write_text(format_ablation(results) + "\n")
+    return results
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-") or "full"
+
+
+def format_ablation(results: dict[str, Any]) -> str:
+    """Markdown shaped like the paper's Table 4: the final loss of each stage per variant, the
+    failure where the trainer stopped one, and (when measured) test accuracy after stage 4."""
+    lines = [
+        "| method | stage 1 | stage 2 | stage 3 | stage 4 | test vqa | test refer | test identify |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in results.items():
+        cells = []
+        for number in STAGE_NUMBERS:
+            loss = row["stages"].get(str(number))
+            if loss is not None:
+                cells.append(f"{loss:.4f}")
+            elif row["failure"] and row["failure"].startswith(f"stage {number}:"):
+                cells.append("stopped: " + row["failure"].split(":", 1)[1].strip().split(".")[0])
+            else:
+                cells.append("-")
+        test = (row.get("accuracy") or {}).get("test", {})
+        cells += [_percent(test.get(t)) for t in EVAL_TASKS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 __all__ = [
+    "ABLATIONS",
+    "format_ablation",
+    "run_ablation",
     "EVAL_SPLITS",
     "EVAL_TASKS",
     "MicroRecipe",

@@ -1,0 +1,157 @@
+"""The micro recipe (tinygptv.recipes): its pieces, and a whole run at toy length."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import torch
+
+from tinygptv.data.shapes import CANONICAL_SIZE, Scene, ShapeObject
+from tinygptv.recipes.micro import ABLATIONS, MicroRecipe, format_ablation, run_ablation, run_micro_recipe
+from tinygptv.recipes.pretrain import (
+    PATCH_LABELS,
+    SCENE_LENGTH,
+    DenseTargets,
+    PretrainSettings,
+    encode_document,
+    reading_order,
+    scene_tokens,
+)
+from tinygptv.recipes.world_tokenizer import coordinate_tokens, train_world_tokenizer
+
+TOY_STAGES = ["iters_per_epoch=2", "epochs=1", "batch_size=4", "checkpoint_every=2", "schedule.warmup_steps=1"]
+
+
+def toy_recipe(**kwargs) -> MicroRecipe:
+    return MicroRecipe(
+        world_images=120,
+        lm_documents=200,
+        lm=PretrainSettings(steps=3, batch_size=4, seq_len=128),
+        vision=PretrainSettings(steps=3, batch_size=4, warmup_steps=1),
+        eval_limit=4,
+        eval_batch_size=4,
+        threads=1,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("recipe") / "run"
+    report = run_micro_recipe(out, toy_recipe(), stage_overrides=TOY_STAGES, log=lambda m: None)
+    return out, report
+
+
+def _scene() -> Scene:
+    objects = [
+        ShapeObject("star", "red", "large", (0.7, 0.3), 0.14, box=(125, 35, 188, 99)),
+        ShapeObject("circle", "blue", "small", (0.2, 0.6), 0.06, box=(31, 121, 59, 149)),
+    ]
+    return Scene(image_id=7, split="train", background="gray", texture="plain", objects=objects)
+
+
+def _tokenizer():
+    from tinygptv.data.shapes import COLORS, SHAPES, SIZES
+
+    words = [f"a {s} {c} {h} on a plain gray background ." for s in SIZES for c in COLORS for h in SHAPES]
+    return train_world_tokenizer(words * 4 + ["a striped sand checkered slate shaded sage background"], 1024)
+
+
+def test_tokenizer_writes_each_box_coordinate_as_one_token_and_decodes_exactly():
+    tokenizer = _tokenizer()
+    text = "[refer] the red star [/INST]{<0><37><99><100>}###"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert pieces[pieces.index("{") + 1 : pieces.index("{") + 5] == ["<0>", "<37>", "<99>", "<100>"]
+    assert tokenizer.decode(ids) == text
+    assert len(tokenizer) <= 1024 and len(coordinate_tokens()) == 101
+
+
+def test_reading_order_sorts_left_to_right_and_dense_targets_mark_the_object_patches():
+    scene = _scene()
+    assert [o.shape for o in reading_order(scene).objects] == ["circle", "star"]
+    targets = DenseTargets(scene, grid=14, patch=16)
+    none = torch.tensor(list(PATCH_LABELS.values()))
+    # the patch whose centre (40, 136) lies in the circle's box: blue (2), circle (0), small (0), rank 0
+    circle_patch = (136 // 16) * 14 + 40 // 16
+    assert targets.labels[circle_patch].tolist() == [2, 0, 0, 0]
+    assert torch.allclose(targets.boxes[circle_patch] * CANONICAL_SIZE, torch.tensor([31.0, 121, 59, 149]))
+    star_patch = (72 // 16) * 14 + 152 // 16
+    assert targets.labels[star_patch].tolist() == [0, 3, 1, 1]  # red, star, large, rank 1
+    assert torch.equal(targets.labels[0], none) and targets.mask[0] == 0  # the top-left corner is background
+    inside = int(targets.mask.sum())
+    assert 0 < inside < 14 * 14
+
+
+def test_scene_tokens_and_lm_documents_read_the_scene_but_never_write_it():
+    tokenizer = _tokenizer()
+    scene = _scene()
+    ids = scene_tokens(reading_order(scene), tokenizer, [0, 1, 2, 3])
+    assert len(ids) == SCENE_LENGTH == 32
+    text = tokenizer.decode(ids)
+    assert text.index("circle") < text.index("star") and "<14><54><26><67>" in text  # 0-100 corners
+    chunks = [("[INST] <Img><ImageHere></Img> [vqa] How many objects? [/INST]", False), ("2", True)]
+    tokens, labels = encode_document(tokenizer, (chunks, scene), random.Random(0))
+    start = tokens.index(ids[0]) if ids[0] in tokens else None
+    assert start is not None
+    assert labels[start : start + SCENE_LENGTH] == [-100] * SCENE_LENGTH
+    assert labels[-1] == tokens[-1] == tokenizer("2", add_special_tokens=False)["input_ids"][0]
+
+
+def test_toy_recipe_runs_every_phase_and_its_model_answers(toy_run):
+    from tinygptv import TinyGPTV
+
+    out, report = toy_run
+    for phase in ("world", "tokenizer", "language model", "vision", "base", "package"):
+        assert phase in report["phases"]
+    assert set(report["accuracy"]) == {"1", "2", "3", "4"}
+    for table in report["accuracy"].values():
+        assert set(table) == {"test", "compositional"}
+    model = TinyGPTV.from_pretrained(out / "model")
+    assert not any("lora" in name for name in model.state_dict())  # merged
+    answer = model.generate_greedy(["[vqa] How many objects are there?"], images=None, max_new_tokens=3)
+    assert isinstance(answer[0], str)
+    assert "| after stage |" in (out / "report.md").read_text()
+
+
+def test_recipe_repeats_bit_for_bit(toy_run, tmp_path):
+    out, _ = toy_run
+    again = tmp_path / "again"
+    run_micro_recipe(again, toy_recipe(), stage_overrides=TOY_STAGES, evaluate_stages=False, log=lambda m: None)
+
+    def digest(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((folder / "model").iterdir())}
+
+    assert digest(out) == digest(again)
+
+
+def test_recipe_refuses_to_overwrite_a_run(toy_run):
+    out, _ = toy_run
+    with pytest.raises(ValueError, match="already holds"):
+        run_micro_recipe(out, toy_recipe(), stage_overrides=TOY_STAGES, log=lambda m: None)
+
+
+def test_ablation_removes_each_change_and_reports_a_stopped_run(toy_run, tmp_path):
+    out, _ = toy_run
+    results = run_ablation(
+        out, tmp_path / "ablate", toy_recipe(), variants=["TinyGPT-V", "- LoRA"], stage_overrides=TOY_STAGES,
+        evaluate_final=False, log=lambda m: None,
+    )
+    assert set(results["TinyGPT-V"]["stages"]) == {"1", "2", "3", "4"}
+    from tinygptv import TinyGPTV
+
+    lora_free = TinyGPTV.from_pretrained(tmp_path / "ablate" / "lora" / "base")
+    assert not any("lora_" in name for name, _ in lora_free.named_parameters())
+    # a guard rail that fires at once: every row stops in stage 1 with the trainer's message
+    stopped = run_ablation(
+        out, tmp_path / "stopped", toy_recipe(), variants=["- QK Norm"],
+        stage_overrides=[*TOY_STAGES, "guard.vanishing_grad_norm=1e9", "guard.vanishing_patience=1"],
+        evaluate_final=False, log=lambda m: None,
+    )
+    row = stopped["- QK Norm"]
+    assert row["stages"] == {} and row["failure"].startswith("stage 1:")
+    table = format_ablation({**results, **stopped})
+    assert "| - QK Norm | stopped:" in table and table.count("\n") == 4
+    assert set(ABLATIONS) >= {"- LoRA", "- input LayerNorm", "- RMSNorm", "- QK Norm"}
