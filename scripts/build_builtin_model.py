@@ -3,7 +3,7 @@
     python scripts/build_builtin_model.py                # run the micro recipe, compare with the shipped files
     python scripts/build_builtin_model.py --install      # ... and replace the shipped files with the new ones
 
-The model is the output of ``tinygptv recipe micro`` with the default seed (0) and two threads:
+The model is the output of ``tinygptv recipe micro`` with the default seed (0) and one thread:
 the shapes world, its tokenizer, the pretrained micro LM / ViT / Q-Former and the four TinyGPT-V
 stages (``configs/micro``), LoRA merged. Every step is seeded and deterministic, so on the same
 machine (CPU kind, thread count, torch version) the same seed writes the same bytes: without
@@ -47,17 +47,28 @@ def compare(new: dict[str, str], shipped: dict[str, str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=None, help="folder for the recipe run (default: a temporary folder)")
+    parser.add_argument(
+        "--from-run", default=None, metavar="DIR",
+        help="use a finished `tinygptv recipe micro --out DIR` run (same seed and threads) instead of running one",
+    )
     parser.add_argument("--install", action="store_true", help="replace the shipped model with the new build")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
     from tinygptv.recipes.micro import MicroRecipe, run_micro_recipe
 
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tinygptv-micro-"))
-    recipe = MicroRecipe(seed=args.seed, threads=args.threads)
-    run_micro_recipe(work, recipe, configs_dir=ROOT / "configs" / "micro", log=lambda m: print(m, flush=True))
+    if args.from_run:
+        work = Path(args.from_run)
+        recipe = json.loads((work / "report.json").read_text())["recipe"]
+        if (recipe["seed"], recipe["threads"]) != (args.seed, args.threads):
+            print(f"{work} ran with seed {recipe['seed']} and {recipe['threads']} thread(s), not {args.seed} / {args.threads}", file=sys.stderr)
+            return 1
+    else:
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tinygptv-micro-"))
+        recipe = MicroRecipe(seed=args.seed, threads=args.threads)
+        run_micro_recipe(work, recipe, configs_dir=ROOT / "configs" / "micro", log=lambda m: print(m, flush=True))
     model = work / "model"
     new = file_hashes(model)
 

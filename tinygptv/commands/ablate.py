@@ -24,7 +24,7 @@ def register(subparsers) -> None:
         help=f"run only these rows (repeatable): {', '.join(ABLATIONS)}",
     )
     p.add_argument("--seed", type=int, default=None, help="seed (default 0, as the recipe)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     p.add_argument("--no-eval", action="store_true", help="skip the accuracy after stage 4")
     p.add_argument("--configs", default=None, help="folder of the stage configs (default: configs/micro of the source tree)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings applied to every stage config")

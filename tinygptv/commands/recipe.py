@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (must not hold an earlier run)")
     p.add_argument("--seed", type=int, default=None, help="seed of everything (default 0)")
     p.add_argument("--configs", default=None, help="folder of the stage configs (default: configs/micro of the source tree)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; results repeat only for the same count)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; results repeat only for the same count)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
     p.add_argument("--progress", action="store_true", help="progress bars during the stages")
     p.add_argument(
