@@ -45,6 +45,28 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def apply_quantization(net, quantize: str | None, source: str = "the model") -> None:
+    """Quantize a loaded model's language model in place (``None``: leave it as saved). LoRA is
+    merged first; a model saved quantized must be asked for in its own mode (or ``None``). On the
+    CPU in fp32 a quantized model's vision encoder and Q-Former also get int8 dynamic quantization."""
+    import torch
+
+    from .quantize import QUANT_MODES, quantize_language_model, quantize_vision_dynamic
+
+    if quantize is not None and quantize not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
+    saved_mode = net.config.quantization.language_model
+    if quantize is not None and saved_mode is not None and quantize != saved_mode:
+        raise ValueError(f"{source} holds {saved_mode} weights; it cannot be loaded as {quantize}")
+    if quantize is not None and saved_mode is None:
+        if net.config.lora.enabled:
+            net.merge_lora()
+        quantize_language_model(net, quantize)
+    weight = net.lm_proj.weight
+    if (quantize or saved_mode) and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        quantize_vision_dynamic(net)
+
+
 def load_model(
     model: str | Path | None = None,
     device: str | None = None,
@@ -63,21 +85,12 @@ def load_model(
     import torch
 
     from .model.tinygptv import TinyGPTV
-    from .quantize import QUANT_MODES, quantize_language_model, quantize_vision_dynamic
+    from .quantize import QUANT_MODES
 
     if quantize is not None and quantize not in QUANT_MODES:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     source = builtin_model_dir() if model in (None, "builtin") else model
-    net = TinyGPTV.from_pretrained(source, device=device, dtype=torch_dtype, offline=offline)
-    saved_mode = net.config.quantization.language_model
-    if quantize is not None and saved_mode is not None and quantize != saved_mode:
-        raise ValueError(f"{source} holds {saved_mode} weights; it cannot be loaded as {quantize}")
-    if quantize is not None and saved_mode is None:
-        if net.config.lora.enabled:
-            net.merge_lora()
-        quantize_language_model(net, quantize)
-    if (quantize or saved_mode) and str(device) == "cpu" and torch_dtype == torch.float32:
-        quantize_vision_dynamic(net)
+    net = TinyGPTV.from_pretrained(source, device=device, dtype=torch_dtype, offline=offline, quantize=quantize)
     return net.eval()

@@ -341,12 +341,21 @@ class TinyGPTV(nn.Module):
         return save_pretrained(self, directory, trainable_only=trainable_only, base=base, max_shard_size=max_shard_size)
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id, device=None, dtype=None, offline=None, revision=None, verify=False):
-        """Load our format from a local directory or a hub id (memory-mapped; ``load_report`` says what came from where)."""
+    def from_pretrained(
+        cls, path_or_hub_id=None, device=None, dtype=None, offline=None, revision=None, verify=False, quantize=None
+    ):
+        """Load our format from a local directory or a hub id (memory-mapped; ``load_report`` says
+        what came from where); no path: the built-in model. ``quantize``: ``"int8"`` / ``"int4"``
+        quantizes the language model's weights after loading (LoRA merged first); a model saved
+        quantized loads as it is."""
+        from ..inference import apply_quantization, builtin_model_dir
         from .weights import load_pretrained
 
-        model, report = load_pretrained(path_or_hub_id, device, dtype, offline, revision, verify)
+        source = builtin_model_dir() if path_or_hub_id is None else path_or_hub_id
+        model, report = load_pretrained(source, device, dtype, offline, revision, verify)
         model.load_report = report
+        if quantize is not None or model.config.quantization.language_model is not None:
+            apply_quantization(model, quantize, str(source))
         return model
 
     @classmethod
