@@ -24,12 +24,41 @@ def _linear(k=256, n=96, seed=0):
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_kernel_equals_matmul_with_dequantized_weights(cls):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_equals_matmul_with_dequantized_weights(cls, dtype):
+    """The CPU kernels compute x @ dequantize().T up to how they round the activations: fbgemm (int8,
+    fp32 in) quantizes them to 8 bits per tensor (7 without VNNI), the other kernels work in bf16."""
     layer = _linear()
     q = cls.from_linear(layer) if cls is Int8Linear else cls.from_linear(layer, group_size=64)
     x = torch.randn(2, 5, 256)
     expected = x @ q.dequantize().t() + layer.bias
-    assert (q(x) - expected).abs().max().item() < 1e-4
+    got = q(x.to(dtype))
+    assert got.dtype == dtype
+    bound = 0.02 if (cls is Int8Linear and dtype == torch.float32) else 0.01
+    assert ((got.float() - expected).norm() / expected.norm()).item() < bound
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_kernel_layout_replaces_the_codes_and_converts_back(cls):
+    """After the first CPU call the codes live only in the kernel's layout (no second copy of the
+    weights); the state dict, dequantize and a device move still see the portable codes."""
+    layer = _linear(k=256, n=192)
+    q = cls.from_linear(layer)
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    weight = q.dequantize()
+    out = q(torch.randn(3, 256))
+    assert q.qweight is None and q._packed is not None
+    after = q.state_dict()
+    assert after.keys() == state.keys()
+    for name in state:
+        assert torch.equal(after[name], state[name]), name
+    assert torch.equal(q.dequantize(), weight)
+    fresh = cls.from_linear(_linear(k=256, n=192, seed=1))
+    fresh.load_state_dict(after)
+    assert torch.equal(fresh(torch.ones(1, 256)), q(torch.ones(1, 256)))
+    q.to(torch.device("cpu"))  # a move restores the portable codes
+    assert q._packed is None and torch.equal(q.qweight, state["qweight"])
+    assert out.shape == (3, 192)
 
 
 @pytest.mark.parametrize("cls,bound", [(Int8Linear, 0.01), (Int4Linear, 0.15)])
@@ -74,7 +103,8 @@ def _float_model():
     return TinyGPTV(cfg).eval()
 
 
-@pytest.mark.parametrize("mode,bound", [("int8", 0.02), ("int4", 0.2)])
+# int8 on fp32 activations also rounds them to 8 bits (fbgemm): ~2.5% here against 1% weights-only
+@pytest.mark.parametrize("mode,bound", [("int8", 0.04), ("int4", 0.2)])
 def test_quantized_language_model_stays_close_and_reloads(mode, bound):
     model = _float_model()
     ids = torch.randint(4, 1000, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -99,6 +129,26 @@ def test_quantized_language_model_stays_close_and_reloads(mode, bound):
         assert torch.equal(fresh(ids, pixel_values=pixels).logits, out)
 
 
+@pytest.mark.parametrize("mode,gate", [("int8", 0.99), ("int4", 0.98)])
+def test_quality_gate_on_last_token_logits(mode, gate):
+    """Issue 6's gate (benchmarks/bench_quantize_quality.py at real size), on a small random model:
+    quantized as ``load_model`` does on a CPU (LM int8 / int4, vision encoder and Q-Former int8
+    dynamic), the last-token logits keep a cosine similarity to fp32 of at least the gate."""
+    from tinygptv.quantize import quantize_vision_dynamic
+
+    model = _float_model()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, 1000, (1, 48), generator=g)
+    ids[0, 1:33] = -200  # one image's 32 slots, then 15 text tokens
+    pixels = random_pixels(1, 224)
+    with torch.no_grad():
+        ref = model(ids, pixel_values=pixels).logits[0, -1]
+        quantize_language_model(model, mode)
+        quantize_vision_dynamic(model)
+        got = model(ids, pixel_values=pixels).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=0).item() >= gate
+
+
 def test_unmerged_lora_is_refused():
     model = TinyGPTV("tinygptv-tiny")
     with pytest.raises(ValueError, match="merge LoRA"):
@@ -114,7 +164,9 @@ def test_widths_outside_the_kernels_constraints_fall_back_correctly(k, n):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(3, k).to(dtype)
             expected = x.float() @ q.dequantize().t() + layer.bias
-            assert ((q(x).float() - expected).norm() / expected.norm()) < (1e-5 if dtype == torch.float32 else 2e-2)
+            # exact in the fp32 fallback; fbgemm (int8, every width) rounds fp32 activations to 8 bits
+            exact = dtype == torch.float32 and isinstance(q, Int4Linear) and n % 16
+            assert ((q(x).float() - expected).norm() / expected.norm()) < (1e-5 if exact else 2e-2)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

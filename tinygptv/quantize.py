@@ -2,27 +2,46 @@
 
 Decoding one token reads every weight of the language model once, so on a CPU its speed is set by
 memory bandwidth (PLATFORM-NOTES: ~31 GB/s here, i.e. ~6 tok/s for Phi-2 in bf16). Storing weights
-in 8 or 4 bits cuts the bytes read by 2x or 4x. The matmuls are PyTorch's own CPU kernels for
-weight-only quantization (``aten._weight_int8pack_mm`` and ``aten._weight_int4pack_mm_for_cpu``, the
-ones torchao and gpt-fast use underneath); we call them directly because torchao 0.18's wrappers
-were slow in eager mode or wrong under ``torch.compile`` on this CPU (PLATFORM-NOTES). Activations
-stay in the model's float dtype, so the norms TinyGPT-V adds (QK LayerNorm, post-attention RMSNorm)
-are computed exactly as in the float model.
+in 8 or 4 bits cuts the bytes read by 2x or 4x. The matmuls are PyTorch's own CPU kernels, chosen by
+measuring each on Phi-2's six projection shapes with 2 threads on this machine (a CPU with AVX-512
+VNNI but no AMX and no avx512_bf16; ms per decoder layer, 1 token / 73 tokens)::
+
+    int8, fbgemm dynamic (``quantized::linear_dynamic``, fp32 in)      3.7 /  20   <- int8, fp32 activations
+    int8, ``aten._weight_int8pack_mm``, bf16 in                        7.1 / 164   <- int8, bf16 activations
+    int8, ``aten._weight_int8pack_mm``, fp32 in                         86 / 6200  (not vectorised)
+    int4, ``aten._weight_int4pack_mm_for_cpu``, bf16 in                4.4 / 155   <- int4
+    int4, ``aten._weight_int4pack_mm_for_cpu``, fp32 in                180 / 11800 (not vectorised)
+    fp32 ``F.linear`` (MKL)                                            12  /  68
+
+fbgemm quantizes the activations too (per tensor, 8 bits; 7 on CPUs without VNNI), which is what
+makes it fast (int8 dot products) and is the one approximation beyond the weights' rounding: ~1% of
+a layer's output on random data, more where a few input channels are much larger than the rest (for
+weight-only int8 run the model in bf16, which takes the int8pack kernel); the int4
+kernel only exists vectorised for bf16 activations, so Int4Linear casts to bf16 around it. Everything
+outside these matmuls runs in the model's float dtype, so the norms TinyGPT-V adds (QK LayerNorm,
+post-attention RMSNorm) are computed exactly as in the float model. torchao 0.18's wrappers of the
+same aten kernels were slow in eager mode or wrong under ``torch.compile`` here (PLATFORM-NOTES).
 
 Formats (what :func:`quantize_linear_layers` stores, and what a saved quantized model holds):
 
 * int8: symmetric per output channel, ``w = q * scale`` with ``q`` in [-127, 127].
 * int4: asymmetric per group of ``group_size`` input features, ``w = (q - 8) * scale + zero`` with
-  ``q`` in [0, 15], two values per byte (even input index in the low nibble). The CPU kernel's own
-  packed layout is derived from it on first use and never saved, so files are portable.
+  ``q`` in [0, 15], two values per byte (even input index in the low nibble).
 
-Off the CPU, and for widths the CPU kernels do not take (int8: in_features not a multiple of 16;
-int4: out_features not a multiple of 16), these modules dequantize and matmul: correct, not fast.
+A kernel's own layout (fbgemm's packed matrix, the int4 kernel's nibble order) is derived from these
+on first use and then *replaces* ``qweight`` in memory, so a model never holds its weights twice;
+``state_dict`` converts back, so saved files are portable. Off the CPU, and for widths the kernels
+do not take (int8 bf16: in_features not a multiple of 16; int4: out_features not a multiple of 16),
+these modules dequantize and matmul: correct, not fast.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
+import math
+import warnings
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -33,15 +52,56 @@ QUANT_MODES = ("int8", "int4")
 
 
 class _WeightOnlyLinear(nn.Module):
-    """What the int8 and int4 layers share: reshaping, the fallback matmul, the bias."""
+    """What the int8 and int4 layers share: reshaping, the fallback matmul, the bias, and holding
+    the integer codes either as the portable ``qweight`` buffer or in a kernel's own layout."""
 
     in_features: int
     out_features: int
     dequantize: "Callable[[], torch.Tensor]"  # each subclass: its float (N, K) weight
+    _packed = None  # the CPU kernel's layout of the codes once derived; qweight is then None
 
     def _cpu_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
         """(M, K) -> (M, N) on the CPU kernel, or None where the kernel does not apply."""
         return None
+
+    def _codes_from_packed(self) -> torch.Tensor:
+        """The portable ``qweight`` recovered from ``self._packed``."""
+        raise NotImplementedError
+
+    def codes(self) -> torch.Tensor:
+        """The portable integer codes (what ``qweight`` holds), wherever they live now."""
+        return self.qweight if self._packed is None else self._codes_from_packed()
+
+    def _replace_codes(self, packed) -> None:
+        """Keep the codes only in the kernel's layout ``packed`` from now on."""
+        self._packed = packed
+        self._buffers["qweight"] = None
+        _trim_heap()  # the packing's temporaries (see release_freed_memory)
+
+    def _restore_codes(self) -> None:
+        """Back to the portable ``qweight`` buffer (before a move, a load, or a bf16 call)."""
+        if self._packed is not None:
+            codes = self._codes_from_packed()
+            self._packed = None
+            self._buffers["qweight"] = codes
+
+    def weight_nbytes(self) -> int:
+        """Bytes of weights read per forward: the codes, scales and zero points (not the bias)."""
+        extra = [self._buffers.get(name) for name in ("scale", "zero")]
+        return self.out_features * self.in_features * self.bits // 8 + sum(b.numel() * b.element_size() for b in extra if b is not None)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed is not None:
+            destination[prefix + "qweight"] = self._codes_from_packed()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._restore_codes()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        self._restore_codes()  # a device or dtype move starts from the portable codes
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -54,8 +114,25 @@ class _WeightOnlyLinear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+def _fbgemm_available() -> bool:
+    return torch.backends.quantized.engine in ("x86", "fbgemm")
+
+
+@functools.lru_cache(maxsize=None)
+def _needs_reduced_range() -> bool:
+    """Whether fbgemm must quantize activations to 7 bits: without VNNI its int8 dot products add
+    u8 x s8 pairs in int16 (``vpmaddubsw``), which full-range activations can saturate."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return not ("avx512_vnni" in flags or "avx_vnni" in flags)
+
+
 class Int8Linear(_WeightOnlyLinear):
     """A Linear layer with int8 weights (per-output-channel scales) and float activations."""
+
+    bits = 8
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
@@ -67,22 +144,36 @@ class Int8Linear(_WeightOnlyLinear):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device)
-        module.qweight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        module.scale.copy_(scale)
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device)
+        for rows in _row_chunks(linear.out_features):
+            w = linear.weight[rows].detach().float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (n,)
+            module.qweight[rows] = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            module.scale[rows] = scale
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
 
     def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[:, None]
+        return self.codes().float() * self.scale[:, None]
+
+    def _codes_from_packed(self) -> torch.Tensor:
+        weight, _ = torch.ops.quantized.linear_unpack(self._packed)  # exact: the same codes and scales
+        return weight.int_repr()
 
     def _cpu_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
-        # The kernel needs in_features % 16 == 0 (other widths crash in bf16, seen with torch 2.13).
-        if self.in_features % 16:
+        if x2.dtype == torch.float32 and _fbgemm_available():
+            if self._packed is None:
+                zeros = torch.zeros(self.out_features, dtype=torch.long)
+                with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's packing still takes one
+                    warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+                    weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scale.double(), zeros, 0)
+                self._replace_codes(torch.ops.quantized.linear_prepack(weight, None))
+            return torch.ops.quantized.linear_dynamic(x2, self._packed, _needs_reduced_range())
+        # bf16: the int8pack kernel needs in_features % 16 == 0 (other widths crash, seen with torch 2.13)
+        if x2.dtype != torch.bfloat16 or self.in_features % 16:
             return None
+        self._restore_codes()
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
 
     def extra_repr(self) -> str:
@@ -91,6 +182,8 @@ class Int8Linear(_WeightOnlyLinear):
 
 class Int4Linear(_WeightOnlyLinear):
     """A Linear layer with group-wise int4 weights and float activations."""
+
+    bits = 4
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128, device=None):
         super().__init__()
@@ -102,53 +195,120 @@ class Int4Linear(_WeightOnlyLinear):
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zero", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, device=device) if bias else None)
-        self._packed: torch.Tensor | None = None  # the CPU kernel's layout, derived on first use
+        self._scales_zeros: torch.Tensor | None = None  # (G, N, 2) bf16, what the kernel takes
 
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> "Int4Linear":
         n, k = linear.out_features, linear.in_features
-        w = linear.weight.detach().float().view(n, k // group_size, group_size)
-        lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (N, G)
-        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
-        module = cls(k, n, linear.bias is not None, group_size, device=w.device)
-        module.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
-        module.scale.copy_(scale)
-        module.zero.copy_(lo + 8 * scale)  # so that w = (q - 8) * scale + zero
+        module = cls(k, n, linear.bias is not None, group_size, device=linear.weight.device)
+        for rows in _row_chunks(n):
+            w = linear.weight[rows].detach().float().view(-1, k // group_size, group_size)
+            lo, hi = w.amin(dim=-1), w.amax(dim=-1)  # (n, G)
+            scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+            q = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(-1, k)
+            module.qweight[rows] = q[:, 0::2] | (q[:, 1::2] << 4)
+            module.scale[rows] = scale
+            module.zero[rows] = lo + 8 * scale  # so that w = (q - 8) * scale + zero
         if linear.bias is not None:
             module.bias = linear.bias.detach().clone()
         return module
 
     def unpack(self) -> torch.Tensor:
         """(N, K) int32 codes in [0, 15]."""
-        q = torch.empty(self.out_features, self.in_features, dtype=torch.int32, device=self.qweight.device)
-        q[:, 0::2] = (self.qweight & 0x0F).to(torch.int32)
-        q[:, 1::2] = (self.qweight >> 4).to(torch.int32)
-        return q
+        return _nibbles(self.codes()).view(self.out_features, self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         q = self.unpack().float().view(self.out_features, -1, self.group_size)
         return ((q - 8) * self.scale[..., None] + self.zero[..., None]).view(self.out_features, self.in_features)
 
-    def _cpu_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._packed is None:
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpack(), 1)
-            self._scales_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).contiguous()  # (G, N, 2)
-        return self._packed, self._scales_zeros.to(dtype)
+    def _codes_from_packed(self) -> torch.Tensor:
+        return _int4_codes_from_cpu_layout(self._packed, self.out_features, self.in_features)
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # a device or dtype move invalidates the derived layout
+        self._scales_zeros = None
         return super()._apply(fn, recurse)
 
     def _cpu_kernel(self, x2: torch.Tensor) -> torch.Tensor | None:
         if self.out_features % 16:  # the kernel's packing needs N % 16 == 0
             return None
-        packed, scales_zeros = self._cpu_weights(x2.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, self.group_size, scales_zeros)
+        if self._packed is None:
+            self._replace_codes(torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpack(), 1))
+        if self._scales_zeros is None:
+            self._scales_zeros = torch.stack([self.scale, self.zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        # only the bf16 variant of this kernel is vectorised (fp32 measured 40x slower): cast around it
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed, self.group_size, self._scales_zeros)
+        return out.to(x2.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=4, group_size={self.group_size}"
+
+
+@functools.lru_cache(maxsize=None)
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the OS.
+
+    Replaced float weights linger in reference cycles (PLATFORM-NOTES), hence the collection; and
+    glibc keeps freed blocks below its (self-raising, up to 32 MB) mmap threshold in the heap, so
+    quantizing layer after layer fragments it: measured at Phi-2 size, 5.75 GB resident after an
+    int4 build against 3.6 GB once that memory is returned. ``malloc_trim`` returns it (glibc only;
+    elsewhere this only collects).
+    """
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _row_chunks(n: int, rows: int = 4096) -> list[slice]:
+    """Row ranges for quantizing a weight in pieces, so that the float temporaries stay small (an
+    LM head is 51200 x 2560: 0.5 GB per fp32 temporary if done at once)."""
+    return [slice(i, min(i + rows, n)) for i in range(0, n, rows)]
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """(..., B) uint8 -> (..., 2B) int32: the low nibble of each byte, then the high one."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2).to(torch.int32)
+
+
+@torch.no_grad()
+def _int4_codes_from_cpu_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Invert ``aten._convert_weight_to_int4pack_for_cpu``: the portable (N, K/2) uint8 codes.
+
+    The kernel's layout is a permutation of nibbles that depends on the CPU (64-row blocks with
+    AVX-512, 32 with AVX2), so rather than hard-coding it we let the packing op place probes: probe
+    ``j`` holds hex digit ``j`` of each nibble's source index, so the packed probes spell out, for
+    every packed nibble, where it came from. Only runs when saving a model after CPU inference.
+    """
+    total = n * k
+    source = torch.zeros(total, dtype=torch.int64)
+    index = torch.arange(total, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log(total, 16)))):
+        probe = ((index >> (4 * digit)) & 0xF).to(torch.int32).view(n, k)
+        placed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        source |= _nibbles(placed.flatten()).to(torch.int64) << (4 * digit)
+    codes = torch.empty(total, dtype=torch.int32)
+    codes[source] = _nibbles(packed.flatten())
+    codes = codes.view(n, k)
+    portable = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    if not torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), packed):
+        raise RuntimeError("could not invert the int4 CPU kernel's weight layout (a torch change?)")
+    return portable
 
 
 def int4_group_size(in_features: int, preferred: int = 128) -> int:
@@ -176,8 +336,8 @@ def quantize_linear_layers(
 
     ``mode`` is ``"int8"`` or ``"int4"``; the LM head (``head_names``) is always int8, since 4 bits
     on the output projection costs far more accuracy than anywhere else. Garbage is collected after
-    each layer: the replaced float weights linger in reference cycles otherwise, doubling the peak
-    (PLATFORM-NOTES).
+    each layer (:func:`release_freed_memory`): the replaced float weights linger in reference cycles
+    otherwise, doubling the peak (PLATFORM-NOTES).
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
@@ -194,7 +354,7 @@ def quantize_linear_layers(
             new = Int4Linear.from_linear(linear, int4_group_size(linear.in_features, group_size))
         setattr(parent, child, new)
         del linear, new
-        gc.collect()
+        release_freed_memory()
     return root
 
 
@@ -212,23 +372,33 @@ def quantize_language_model(model, mode: str, group_size: int = 128, include_lm_
     return model
 
 
-def quantize_vision_dynamic(model) -> None:
+def quantize_dynamic_linears(module: nn.Module) -> None:
     """int8 dynamic quantization (fbgemm: int8 weights, activations quantized per batch) of the
-    vision encoder's and Q-Former's Linear layers, for CPU inference.
+    ``nn.Linear`` layers inside ``module``, in place.
+
+    ``torch.ao.quantization.quantize_dynamic`` is deprecated in torch 2.x but still the one stock CPU
+    path for int8 activations x int8 weights (VNNI), which is what pays for compute-bound parts.
+    """
+    with warnings.catch_warnings():
+        for message in (".*torch.ao.quantization.*", ".*quantized tensor creation functions.*"):
+            warnings.filterwarnings("ignore", message=message)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        torch.ao.quantization.quantize_dynamic(module, {nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def quantize_vision_dynamic(model) -> None:
+    """int8 dynamic quantization of the vision encoder's and Q-Former's Linear layers, for CPU inference.
 
     The ViT is compute-bound (about 0.5 TFLOP per 224 px image), so on a CPU without bf16 matrix
     units int8 pays there: measured 2-3x faster than fp32 for its 257 x 1408 x 6144 matmuls on this
     machine. Applied at load time from float weights (its packed format is not a safetensors
-    tensor). ``torch.ao.quantization.quantize_dynamic`` is deprecated in torch 2.x but still the
-    one stock CPU path for int8 activations x int8 weights.
+    tensor), one block at a time.
     """
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
-        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
-        for part in (model.vision, model.qformer):
-            torch.ao.quantization.quantize_dynamic(part, {nn.Linear}, dtype=torch.qint8, inplace=True)
-            gc.collect()
+    for part in (model.vision, model.qformer):
+        for blocks in [m for m in part.modules() if isinstance(m, nn.ModuleList)]:
+            for block in blocks:
+                quantize_dynamic_linears(block)
+                release_freed_memory()
+        quantize_dynamic_linears(part)  # what is outside the blocks
+        release_freed_memory()
