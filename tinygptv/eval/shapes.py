@@ -271,10 +271,12 @@ def evaluate_shapes(
     batch_size: int = 8,
     template: str = "stage4",
     progress: bool = False,
+    return_predictions: bool = False,
 ) -> dict[str, Any]:
     """Run ``model`` on the shapes world at ``data_dir``; ``limit`` takes the first N questions of
     each split and task. Returns ``{"accuracy": {split: {task: percent}}, "n": {split: {task: count}},
-    "overall": percent, "metrics": {...}}``; nothing is written to disk."""
+    "overall": percent, "metrics": {...}}`` (and ``"predictions": {question_id: answer}`` with
+    ``return_predictions``); nothing is written to disk."""
     benchmark = shapes(tasks, image_size=model.config.vision.image_size)
     items: list[Item] = []
     for split in splits:
@@ -288,7 +290,10 @@ def evaluate_shapes(
     finally:
         model.train(was_training)
     _, metrics = benchmark.evaluate(items, predictions)
-    return shapes_summary(metrics, splits, tasks)
+    summary = shapes_summary(metrics, splits, tasks)
+    if return_predictions:
+        summary["predictions"] = {item.question_id: p["answer"] for item, p in zip(items, predictions)}
+    return summary
 
 
 def shapes_summary(

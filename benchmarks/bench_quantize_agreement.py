@@ -1,0 +1,60 @@
+"""Quality gate of weight-only quantization on a trained model: do int8 / int4 answers agree with fp32?
+
+    python benchmarks/bench_quantize_agreement.py --data WORLD            # built-in model, shapes test split
+    python benchmarks/bench_quantize_agreement.py --data WORLD --model DIR --tasks vqa refer
+
+WORLD is a shapes world (`tinygptv data make-shapes WORLD`, or the `world/` folder of a
+`tinygptv recipe micro` run). The model answers every question of the split in fp32, then with its
+language model quantized to int8 and to int4 (the same greedy protocol as `tinygptv eval shapes`),
+and the script prints, per mode and task, the share of answers identical to fp32 (the target is
+>= 98 %) and each mode's own accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="shapes world folder")
+    p.add_argument("--model", default=None, help="model directory (default: the built-in model)")
+    p.add_argument("--split", default="test", choices=["test", "compositional"])
+    p.add_argument("--tasks", nargs="+", default=["vqa", "refer", "identify"])
+    p.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import torch
+
+    from tinygptv.eval.shapes import evaluate_shapes
+    from tinygptv.inference import load_model
+
+    torch.set_num_threads(args.threads)
+    runs = {}
+    for mode in (None, "int8", "int4"):
+        model = load_model(args.model, device="cpu", quantize=mode)
+        start = time.perf_counter()
+        summary = evaluate_shapes(
+            model, args.data, [args.split], args.tasks, limit=args.limit, batch_size=args.batch_size, return_predictions=True
+        )
+        runs[mode or "fp32"] = summary
+        print(f"{mode or 'fp32'}: {time.perf_counter() - start:.1f} s", flush=True)
+
+    reference = runs["fp32"]["predictions"]
+    print(f"\nmodel: {args.model or 'built-in'}; split {args.split}; torch threads {args.threads}")
+    print("| mode | task | n | answers identical to fp32 (%) | accuracy (%) |")
+    print("|---|---|---|---|---|")
+    for mode, summary in runs.items():
+        for task in args.tasks:
+            ids = [q for q in reference if q.split("/")[1] == task]
+            same = sum(summary["predictions"][q] == reference[q] for q in ids)
+            accuracy = summary["accuracy"][args.split][task]
+            print(f"| {mode} | {task} | {len(ids)} | {100 * same / max(len(ids), 1):.1f} | {accuracy:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
