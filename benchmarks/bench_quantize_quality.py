@@ -46,7 +46,7 @@ def main() -> int:
         logits = {}
         for mode in ("bf16", "int8", "int4"):
             logits_in_child(args.preset, mode, args.threads, Path(tmp) / f"{mode}.pt")
-            logits[mode] = torch.load(Path(tmp) / f"{mode}.pt")
+            logits[mode] = torch.load(Path(tmp) / f"{mode}.pt", weights_only=True)
         ref = logits["bf16"]
         for mode, gate in GATES.items():
             cos = torch.nn.functional.cosine_similarity(logits[mode], ref, dim=0).item()

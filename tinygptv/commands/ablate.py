@@ -33,17 +33,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..recipes.micro import MicroRecipe, format_ablation, run_ablation
+    from ..recipes.micro import format_ablation, run_ablation
+    from .recipe import recipe_from_args
 
-    recipe = MicroRecipe()
-    if args.seed is not None:
-        recipe.seed = args.seed
-    if args.threads is not None:
-        recipe.threads = args.threads
     results = run_ablation(
         args.recipe_dir,
         args.out,
-        recipe,
+        recipe_from_args(args),
         configs_dir=args.configs,
         variants=args.only,
         stage_overrides=args.overrides,
