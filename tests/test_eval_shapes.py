@@ -160,3 +160,7 @@ def test_eval_shapes_command_prints_the_table_and_matches_the_python_api(world, 
             assert summary["n"][split][task] == 1
     table = format_shapes_table(summary)
     assert table.splitlines()[0] == "| task | test | compositional |" and len(table.splitlines()) == 5
+
+    # with return_predictions: the same answers as predictions.jsonl, keyed by question id
+    again = evaluate_shapes(model, world, tasks=("vqa", "refer", "identify"), limit=1, return_predictions=True)
+    assert again["predictions"] == {line["question_id"]: line["answer"] for line in lines}
