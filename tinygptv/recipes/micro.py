@@ -9,8 +9,10 @@ stages on top (section 4.1). The micro model is the same architecture, only smal
 ====  ==================  ====================================================================
  0    world               ``tinygptv data make-shapes`` (``world/``)
  1    tokenizer           byte-level BPE on the world's texts (``tokenizer/``)
- 2    language model      causal-LM pretraining of the micro Phi, without TinyGPT-V's norms (``lm/``)
- 3    vision              ViT + Q-Former, BLIP-2's generative objective through the frozen LM (``vision/``)
+ 2    language model      causal-LM pretraining of the micro Phi on the world's texts, each image
+                          written as its scene tokens; without TinyGPT-V's norms (``lm/``)
+ 3    vision              ViT (dense per-patch targets) + Q-Former (its queries become the scene
+                          tokens in the LM's embedding space) (``vision/``)
  4    base                the TinyGPT-V model: pretrained frozen parts, TinyGPT-V's norms and LoRA
                           added, fresh projections; our format (``base/``), the stages' ``base_weights``
  5-8  stages 1-4          ``configs/micro/stage{1..4}.yaml`` through :func:`tinygptv.train.train`
@@ -20,7 +22,7 @@ stages on top (section 4.1). The micro model is the same architecture, only smal
 ====  ==================  ====================================================================
 
 Phases 1-3 are in :mod:`tinygptv.recipes.world_tokenizer` and :mod:`tinygptv.recipes.pretrain`
-(which says why the vision pretraining is generative). The four stages are the paper's, unchanged:
+(which says why the frozen parts are pretrained this way). The four stages are the paper's, unchanged:
 the same trainer, the same :func:`tinygptv.stages.apply_stage`, the same schedules and templates;
 only the numbers in ``configs/micro`` are the micro model's. The one deliberate difference: stage 4
 runs at 224 px, not 448 (see ``configs/micro/stage4.yaml``).

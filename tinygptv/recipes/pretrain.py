@@ -6,30 +6,29 @@ language model can read). The micro model has no such ingredients, so the micro 
 own, on the shapes world, before the four TinyGPT-V stages:
 
 1. **Language model** (:func:`pretrain_language_model`): a plain causal-LM run of the micro Phi
-   (:class:`~tinygptv.model.language.TinyGPTVPhiForCausalLM`) on text-only renderings of every text
-   the world has, in each stage's template (:func:`world_documents`), packed into fixed-length
-   rows. Like Phi-2 it is trained *without* TinyGPT-V's QK norm and post-attention RMSNorm: those
-   are TinyGPT-V's additions, put on top of the pretrained LM at their identity-like init when the
-   base model is assembled, exactly as the paper adds them to Phi-2. This also keeps the Table 4
-   ablation meaningful: removing an added norm leaves the pretrained LM as it was.
+   (:class:`~tinygptv.model.language.TinyGPTVPhiForCausalLM`) on text-only renderings of the
+   world's texts in each stage's template (:func:`world_documents`), packed into fixed-length rows.
+   Where a text has an image, the LM reads the image's 32 *scene tokens* instead
+   (:func:`scene_tokens`: the background, then each object's size, colour, shape and box, in a
+   random order), never as targets: it learns to answer, describe and locate from a written scene,
+   as a real LLM has read countless descriptions of scenes. Like Phi-2 it is trained *without*
+   TinyGPT-V's QK norm and post-attention RMSNorm: those are TinyGPT-V's additions, put on top of
+   the pretrained LM at their identity-like init when the base model is assembled, exactly as the
+   paper adds them to Phi-2. This keeps the Table 4 ablation meaningful too.
 
-2. **Vision encoder + Q-Former** (:func:`pretrain_vision`): BLIP-2's generative objective. The ViT,
-   the Q-Former and a temporary projection train together through the frozen language model of
-   step 1 to write the image's texts: short captions, detailed descriptions (every object with its
-   size, colour, shape and position) and grounded captions (every object with its box). The
-   temporary projection is then thrown away; the four TinyGPT-V stages start from fresh
-   projections, as the paper's stage 1 does.
+2. **Vision encoder + Q-Former** (:func:`pretrain_vision`): the ViT learns dense per-patch targets
+   (:class:`DenseTargets`: what object each patch belongs to and its box, as a detector's backbone
+   does), and the Q-Former's 32 queries learn to become the image's scene tokens, objects in
+   reading order, in the frozen LM's embedding space (:class:`VisionHeads`), the form in which the
+   LM read images in step 1. BLIP-2's Q-Former likewise learns to hand a frozen LM what it can
+   read; here the target is given token by token, which a CPU budget can afford to learn, where
+   a contrastive loss (satisfied by a few salient attributes) asks nothing about boxes. The
+   temporary heads are then thrown away; the four TinyGPT-V stages start from fresh projections,
+   as the paper's stage 1 does.
 
-   Why generative rather than contrastive (image-text matching in a shared space, BLIP-2's first
-   objective): a contrastive loss is satisfied once an image is told apart from the other images
-   of its batch, which needs a few salient attributes; nothing in it asks for the exact box of
-   every object, and boxes (``[refer]``, ``[grounding]``) are what the micro model most needs from
-   its frozen parts. Writing a grounded caption through the LM asks for every object's colour,
-   shape, size and box, in the form the LM reads. It also costs one model pass per sample instead
-   of two encoders over a batch of pairs.
-
-Both loops are short by design (a few minutes on two CPU cores) and deterministic: the data order
-is a pure function of the seed, and nothing else is random but the seeded model init.
+Both loops are deterministic: the data order is a pure function of the seed, and nothing else is
+random but the seeded model init. How far they get in the recipe's budget is measured in the
+recipe's report (and in the README): not yet far enough.
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@ smaller pieces, never to ``<unk>``) and decoding gives back exactly what was enc
 
 The world's vocabulary is small, so BPE runs out of pairs to merge below the limit: every word
 the world uses becomes one token (with and without its leading space), and so does every run of
-punctuation it writes between two chunks of text, e.g. ``{<``, ``><``, ``>}###``. Every integer
-0-100 (box coordinates, counts) is one token: the training texts include them all in box form,
-since no box of the world reaches 99 or 100. Texts are split at ``<ImageHere>`` before training,
-as :func:`tinygptv.data.encoding.encode_chunks` tokenises the pieces around an image separately.
+punctuation it writes between two chunks of text. Every box coordinate as boxes are written,
+``<0>`` ... ``<100>``, is one added token (:func:`coordinate_tokens`), so that a box reads
+``{`` ``<12>`` ``<40>`` ``<33>`` ``<61>`` ``}`` and copying a box out of a scene is copying four
+tokens verbatim; plain integers 0-100 (counts) are single tokens too. Texts are split at
+``<ImageHere>`` before training, as :func:`tinygptv.data.encoding.encode_chunks` tokenises the
+pieces around an image separately.
 
 Special tokens: ``<pad>`` (0), ``<s>`` (1, prepended as BOS, as Llama's tokenizer does) and
 ``</s>`` (2, EOS), the ids of the ``tinygptv-micro`` preset.
