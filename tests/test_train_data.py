@@ -64,3 +64,47 @@ def test_mix_validation_needs_val_datasets(world, tmp_path):
     with pytest.raises(ValueError, match="val_datasets is empty"):
         train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training, not after an epoch
+
+
+def test_image_feature_cache_gives_the_same_losses_and_hits(world, tmp_path):
+    from tinygptv.train import fit, setup
+
+    settings = {"stage": 4, "data": {"kind": "shapes", "root": str(world), "max_length": 120},
+                "epochs": 1, "iters_per_epoch": 6, "batch_size": 4, "schedule.warmup_steps": 1}  # fmt: skip
+    plain = losses(train(tiny_config(tmp_path / "plain", settings)))
+    run = setup(tiny_config(tmp_path / "cached", {**settings, "image_feature_cache": 100}))
+    try:
+        fit(run)
+    finally:
+        run.log.close()
+    cache = run.module.feature_cache
+    assert cache.hits > 0 and cache.misses == len(cache) <= 24  # 24 images, each encoded once
+    assert losses(tmp_path / "cached") == pytest.approx(plain, abs=1e-6)
+
+
+def test_image_feature_cache_looks_up_repeats_and_refuses_a_trainable_encoder():
+    import torch
+
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.model.feature_cache import ImageFeatureCache
+
+    torch.manual_seed(0)
+    model = TinyGPTV("tinygptv-tiny").eval()
+    model.requires_grad_(False)
+    size = model.config.vision.image_size
+    images = torch.randn(3, 3, size, size)
+    expected = model.encode_images(images)
+    model.feature_cache = ImageFeatureCache(max_images=2)
+    first = model.encode_images(images)  # 3 misses; the cache keeps the last 2
+    again = model.encode_images(images[1:])  # both hits
+    assert torch.allclose(first, expected, atol=1e-6) and torch.allclose(again, expected[1:], atol=1e-6)
+    assert (model.feature_cache.misses, model.feature_cache.hits, len(model.feature_cache)) == (3, 2, 2)
+    changed = images.clone()
+    changed[1, 0, 0, 0] += 1.0  # one pixel differs: a new image
+    model.encode_images(changed[1:2])
+    assert model.feature_cache.misses == 4
+    model.qformer.requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen encoder.*trainable"):
+        model.encode_images(images)
+    with pytest.raises(ValueError, match="at least one image"):
+        ImageFeatureCache(0)

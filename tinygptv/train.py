@@ -331,6 +331,10 @@ def setup(config: TrainConfig, resume: bool = False) -> Run:
     seed_everything(config.seed, config.deterministic)
 
     module = build_model(config, stage, weights_dtype(config, env))
+    if config.image_feature_cache:
+        from .model.feature_cache import ImageFeatureCache
+
+        module.feature_cache = ImageFeatureCache(config.image_feature_cache)
     model = place_model(module, config, env)
     optimizer = build_optimizer(model, config)
     schedule = Schedule(

@@ -134,6 +134,10 @@ class TrainConfig:
     gradient scaler) needs CUDA; the CPU runs fp32 or bf16."""
     grad_clip: float | None = None
     """Clip the gradient norm to this; ``None`` (the authors' runner) does not clip."""
+    image_feature_cache: int = 0
+    """Keep the frozen ViT + Q-Former outputs of up to this many images and look them up when an
+    image comes again (:mod:`tinygptv.model.feature_cache`); 0: off. Exact, and worth it, only where
+    training images are not randomly cropped (the shapes world); memory: images x 32 x Q-Former width."""
     gradient_checkpointing: bool = False
     """Recompute the language model's activations in the backward pass (stage 4 at 448 px on 24 GB)."""
     seed: int = 42

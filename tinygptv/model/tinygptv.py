@@ -53,6 +53,9 @@ class TinyGPTV(nn.Module):
             config = get_preset(config)
         self.config = config
         self.tokenizer = tokenizer
+        self.feature_cache = None
+        """An :class:`~tinygptv.model.feature_cache.ImageFeatureCache` of Q-Former outputs, set by a
+        trainer whose images repeat; only valid while the ViT and Q-Former are frozen."""
         init = config.initializer_range
         # 1. frozen vision encoder + ln_vision, frozen Q-Former + query tokens
         self.vision = VisionEncoder(config.vision, init)
@@ -130,11 +133,27 @@ class TinyGPTV(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised pixels -> (N, num_query_tokens, LM width) soft prompts."""
         self.check_pixel_values(pixel_values)
-        vision_dtype = self.vision.model.embeddings.patch_embedding.weight.dtype
-        features = self.vision(pixel_values.to(vision_dtype))  # (N, 1 + P, 1408)
-        queries = self.qformer(features)  # (N, 32, 768)
+        if self.feature_cache is None:
+            queries = self.encode_queries(pixel_values)
+        else:
+            self._check_frozen_encoder()
+            queries = self.feature_cache(pixel_values, self.encode_queries)
         proj_dtype = self.vision_proj.weight.dtype
         return self.lm_proj(self.vision_proj(queries.to(proj_dtype)))  # (N, 32, 4096) -> (N, 32, C)
+
+    def encode_queries(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised pixels -> (N, num_query_tokens, Q-Former width): ViT, then Q-Former."""
+        vision_dtype = self.vision.model.embeddings.patch_embedding.weight.dtype
+        features = self.vision(pixel_values.to(vision_dtype))  # (N, 1 + P, 1408)
+        return self.qformer(features)  # (N, 32, 768)
+
+    def _check_frozen_encoder(self) -> None:
+        for part in (self.vision, self.qformer):
+            if part.training or any(p.requires_grad for p in part.parameters()):
+                raise ValueError(
+                    f"the image feature cache needs a frozen encoder, but the {type(part).__name__} "
+                    f"{'is in train mode' if part.training else 'has trainable parameters'}"
+                )
 
     # --- text + image splicing --------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
