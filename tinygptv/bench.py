@@ -4,13 +4,14 @@ Speed and memory do not depend on weight values, so each precision runs in its o
 (its own peak RSS) on a model materialised with random values one piece at a time (a decoder layer,
 a ViT block, ...); quantized modes quantize each piece as soon as it exists, so the peak is the final
 model plus one piece. The quantized modes run as ``load_model(quantize=...)`` sets them up on a CPU:
-float32 activations, the LM's Linear layers int8 / int4 (:mod:`tinygptv.quantize`), the vision
-encoder and Q-Former int8 dynamic. Measured per precision: image-encode time, TTFT (encode +
-prefill of the image's 32 tokens + N text tokens), decode tokens/s of our KV-cached loop, and peak
-RSS (of a process that holds only that model, load included). In the same run: the baseline, plain
-transformers ``generate`` with ``inputs_embeds`` on the bf16 model (in a child process, so it does
-not inflate the peak), and the memory-bandwidth limit: measured read bandwidth / bytes of LM
-weights read per decoded token.
+float32 activations, the LM's Linear layers int8 / int4 (:mod:`tinygptv.quantize`; int4 keeps
+the first decoder layers and the LM head int8) packed for their CPU kernels, the token embedding
+table in bf16, the vision encoder and Q-Former int8 dynamic. Measured per precision: image-encode
+time, TTFT (encode + prefill of the image's 32 tokens + N text tokens), decode tokens/s of our
+KV-cached loop, and peak RSS (of a process that holds only that model, load included). In the same
+run: the baseline, plain transformers ``generate`` with ``inputs_embeds`` on the bf16 model (in a
+child process, so it does not inflate the peak), and the memory-bandwidth limit: measured read
+bandwidth / bytes of LM weights read per decoded token.
 """
 
 from __future__ import annotations
@@ -52,10 +53,14 @@ def materialise(preset: str, mode: str):
     from tinygptv.config import get_preset
     from tinygptv.model.weights import rebuild_buffers
     from tinygptv.quantize import (
+        INT4_INT8_SHARE,
+        int8_linear_names,
         language_model_linear_names,
+        pack_for_cpu,
         quantize_dynamic_linears,
         quantize_linear_layers,
         release_freed_memory,
+        store_token_embedding_in_bf16,
     )
 
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
@@ -64,6 +69,7 @@ def materialise(preset: str, mode: str):
     with torch.device("meta"):
         model = TinyGPTV(config)
     lm_linears = set(language_model_linear_names(model.lm))
+    int8_linears = int8_linear_names(lm_linears, INT4_INT8_SHARE)  # as apply_quantization on a CPU
     g = torch.Generator().manual_seed(0)
     # Largest first: a piece's float transient (the LM head: 0.5 GB in fp32) then comes when the
     # rest of the model is not there yet, so the peak stays near the final size.
@@ -91,7 +97,10 @@ def materialise(preset: str, mode: str):
             if name.startswith(lm_prefix):
                 inner = name[len(lm_prefix):]
                 names = [n for n in lm_linears if n == inner or n.startswith(inner + ".")]
-                quantize_linear_layers(model.lm, names, mode)
+                quantize_linear_layers(model.lm, names, mode, int8_names=int8_linears)
+                pack_for_cpu(model.lm.get_submodule(inner))  # not `piece`: a Linear piece has been replaced
+                if piece is model.lm.get_input_embeddings():
+                    store_token_embedding_in_bf16(model.lm)
             elif name.startswith(("vision.", "qformer.")) or name in ("vision", "qformer"):
                 quantize_dynamic_linears(piece)
         del piece

@@ -47,23 +47,38 @@ def default_device() -> str:
 
 def apply_quantization(net, quantize: str | None, source: str = "the model") -> None:
     """Quantize a loaded model's language model in place (``None``: leave it as saved). LoRA is
-    merged first; a model saved quantized must be asked for in its own mode (or ``None``). On the
-    CPU in fp32 a quantized model's vision encoder and Q-Former also get int8 dynamic quantization."""
+    merged first; a model saved quantized must be asked for in its own mode (or ``None``).
+
+    On the CPU in fp32 (an inference-only setup: its dynamically quantized vision encoder cannot be
+    saved) a quantized model also gets: int8 dynamic quantization of the vision encoder and
+    Q-Former; in int4 mode its first decoder layers int8 (:data:`tinygptv.quantize.INT4_INT8_SHARE`);
+    the token embedding table in bf16; and every layer packed for its CPU kernel up front.
+    """
     import torch
 
-    from .quantize import QUANT_MODES, quantize_language_model, quantize_vision_dynamic
+    from .quantize import (
+        INT4_INT8_SHARE,
+        QUANT_MODES,
+        pack_for_cpu,
+        quantize_language_model,
+        quantize_vision_dynamic,
+        store_token_embedding_in_bf16,
+    )
 
     if quantize is not None and quantize not in QUANT_MODES:
         raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
     saved_mode = net.config.quantization.language_model
     if quantize is not None and saved_mode is not None and quantize != saved_mode:
         raise ValueError(f"{source} holds {saved_mode} weights; it cannot be loaded as {quantize}")
+    weight = net.lm_proj.weight
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
     if quantize is not None and saved_mode is None:
         if net.config.lora.enabled:
             net.merge_lora()
-        quantize_language_model(net, quantize)
-    weight = net.lm_proj.weight
-    if (quantize or saved_mode) and weight.device.type == "cpu" and weight.dtype == torch.float32:
+        quantize_language_model(net, quantize, int8_share=INT4_INT8_SHARE if cpu_fp32 else 0.0)
+    if (quantize or saved_mode) and cpu_fp32:
+        store_token_embedding_in_bf16(net.lm)
+        pack_for_cpu(net.lm)
         quantize_vision_dynamic(net)
 
 
