@@ -232,16 +232,17 @@ def test_widths_outside_the_kernels_constraints_fall_back_correctly(k, n):
             assert ((q(x).float() - expected).norm() / expected.norm()) < (1e-5 if exact else 2e-2)
 
 
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantized_model_saves_and_loads_bit_exact(mode, tmp_path):
+@pytest.mark.parametrize("mode,share", [("int8", 0.0), ("int4", 0.0), ("int4", 0.25)])
+def test_quantized_model_saves_and_loads_bit_exact(mode, share, tmp_path):
     from tinygptv.testing import word_tokenizer
 
     torch.manual_seed(0)
     cfg = get_preset("tinygptv-micro").replace(**{"language.vocab_size": 128})
     model = TinyGPTV(cfg, tokenizer=word_tokenizer()).eval()
     model.merge_lora()
-    quantize_language_model(model, mode)
+    quantize_language_model(model, mode, int8_share=share)
     assert model.config.quantization.language_model == mode
+    assert model.config.quantization.int8_share == share
     model.save_pretrained(tmp_path / "q")
     ids = torch.randint(4, 100, (1, 12), generator=torch.Generator().manual_seed(2))
     store_token_embedding_in_bf16(model.lm)  # what loading for CPU inference does (after the save)
@@ -250,6 +251,9 @@ def test_quantized_model_saves_and_loads_bit_exact(mode, tmp_path):
     # the loader builds the quantized skeleton on the meta device and assigns the saved codes
     loaded = TinyGPTV.from_pretrained(tmp_path / "q")
     assert loaded.config.quantization.language_model == mode
+    assert loaded.config.quantization.int8_share == share
+    kinds = [type(m).__name__ for m in loaded.lm.model.layers[0].modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert set(kinds) == {"Int8Linear" if mode == "int8" or share else "Int4Linear"}  # layer 0 of 4: int8 at 1/4
     saved, got = model.lm.state_dict(), loaded.lm.state_dict()
     assert saved.keys() == got.keys() and any(k.endswith("qweight") for k in got)
     for name in saved:

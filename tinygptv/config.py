@@ -136,8 +136,11 @@ class QuantizationSettings:
 
     language_model: str | None = None
     """``None`` (float), ``"int8"`` or ``"int4"``: weight-only quantization of the LM's Linear layers."""
-    group_size: int = 128
-    """int4: input features per scale/zero group (the largest of 128, 64, 32 that divides a layer)."""
+    group_size: int = 64
+    """int4: input features per scale/zero group (the largest of 128, 64, 32 up to it that divides a layer)."""
+    int8_share: float = 0.0
+    """int4: the share of decoder layers, the first ones, kept int8 (their error weighs most on the
+    logits; :data:`tinygptv.quantize.INT4_INT8_SHARE`). 0 in files saved before it existed."""
     lm_head: bool = True
     """Whether the LM head is quantized too (always int8: 4 bits cost too much accuracy there)."""
 

@@ -491,9 +491,8 @@ def quantize_language_model(
     """Quantize the language model of a :class:`~tinygptv.TinyGPTV` in place for inference.
 
     ``int8_share``: in int4 mode, keep this share of the decoder layers, the first ones, int8
-    (:data:`INT4_INT8_SHARE`). The saved config does not record it, so a model that is to be saved
-    and loaded again keeps the default 0; :func:`tinygptv.inference.apply_quantization` uses it
-    for CPU inference, whose models are not saved. LoRA must be merged first (a LoRA layer wraps
+    (:data:`INT4_INT8_SHARE`); the saved config records it, so a saved model loads with the same
+    layout. LoRA must be merged first (a LoRA layer wraps
     its Linear, which this would otherwise skip).
     """
     if any(".lora_" in n for n, _ in model.named_parameters()):
@@ -503,6 +502,7 @@ def quantize_language_model(
     quantize_linear_layers(lm, names, mode, group_size, int8_linear_names(names, int8_share))
     q = model.config.quantization
     q.language_model, q.group_size, q.lm_head = mode, group_size, include_lm_head  # saved with the model
+    q.int8_share = int8_share if mode == "int4" else 0.0
     return model
 
 

@@ -15,7 +15,13 @@ def register(subparsers) -> None:
     p.add_argument("src", help="model directory, hub id, or 'builtin'")
     p.add_argument("out", help="output directory")
     p.add_argument("--mode", choices=["int8", "int4"], required=True)
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 64)")
+    p.add_argument(
+        "--int8-share",
+        type=float,
+        default=None,
+        help="int4: share of the decoder layers, the first ones, kept int8 (default 3/16; 0 for all-int4)",
+    )
     p.add_argument("--no-lm-head", action="store_true", help="keep the LM head in float")
     p.add_argument("--dtype", default="float32", help="dtype of the float parts (default float32)")
     p.add_argument("--offline", action="store_true", default=None)
@@ -25,7 +31,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from ..inference import builtin_model_dir, resolve_dtype
     from ..model.tinygptv import TinyGPTV
-    from ..quantize import quantize_language_model
+    from ..quantize import INT4_GROUP_SIZE, INT4_INT8_SHARE, quantize_language_model
 
     src = builtin_model_dir() if args.src == "builtin" else args.src
     model = TinyGPTV.from_pretrained(src, device="cpu", dtype=resolve_dtype(args.dtype, "cpu"), offline=args.offline)
@@ -33,7 +39,11 @@ def run(args) -> int:
         raise ValueError(f"{args.src} is already quantized ({model.config.quantization.language_model})")
     if model.config.lora.enabled:
         model.merge_lora()
-    quantize_language_model(model, args.mode, args.group_size, include_lm_head=not args.no_lm_head)
+    group_size = INT4_GROUP_SIZE if args.group_size is None else args.group_size
+    share = (INT4_INT8_SHARE if args.mode == "int4" else 0.0) if args.int8_share is None else args.int8_share
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"--int8-share must lie in [0, 1], got {share}")
+    quantize_language_model(model, args.mode, group_size, include_lm_head=not args.no_lm_head, int8_share=share)
     model.save_pretrained(args.out)
     print(f"wrote {args.mode} model to {args.out}")
     return 0

@@ -405,7 +405,7 @@ class TinyGPTV(nn.Module):
 
 def _quantization_args(config: TinyGPTVConfig) -> dict:
     q = config.quantization
-    return {"mode": q.language_model, "group_size": q.group_size, "include_lm_head": q.lm_head}
+    return {"mode": q.language_model, "group_size": q.group_size, "include_lm_head": q.lm_head, "int8_share": q.int8_share}
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

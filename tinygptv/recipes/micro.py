@@ -76,7 +76,7 @@ class MicroRecipe:
     )
     """Language-model pretraining (rows of ``seq_len`` tokens)."""
     vision: PretrainSettings = field(
-        default_factory=lambda: PretrainSettings(steps=600, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30)
+        default_factory=lambda: PretrainSettings(steps=450, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30)
     )
     """Vision encoder + Q-Former pretraining."""
     eval_limit: int | None = 200
@@ -421,6 +421,10 @@ def format_report(data: dict[str, Any]) -> str:
     lines = ["## Phases", "", "| phase | wall s | cpu s | load average (start/end) |", "|---|---|---|---|"]
     for name, p in data["phases"].items():
         lines.append(f"| {name} | {p['wall_s']} | {p['cpu_s']} | {p['load_start']} / {p['load_end']} |")
+    training = [p for name, p in data["phases"].items() if not name.startswith("eval")]
+    if training:
+        wall, cpu = (round(sum(p[k] for p in training), 1) for k in ("wall_s", "cpu_s"))
+        lines.append(f"| **training** (every phase but the evaluations) | **{wall}** | **{cpu}** | |")
     if "total_wall_s" in data:
         lines.append(f"| **total** | **{data['total_wall_s']}** | | |")
     lines += ["", "## Losses", "", "| phase | final loss (mean of the last 10 steps) |", "|---|---|"]
