@@ -37,7 +37,7 @@ class ImageFeatureCache:
         data = pixels.detach().to("cpu").contiguous()
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.dtype == torch.bfloat16 else data.numpy().tobytes())
+        digest.update(data.view(torch.uint8).numpy().tobytes())  # raw bytes: any dtype, bf16 included
         return digest.digest()
 
     def __call__(self, pixel_values: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
