@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install", action="store_true", help="replace the shipped model with the new build")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=2)
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -62,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_run:
         work = Path(args.from_run)
         recipe = json.loads((work / "report.json").read_text())["recipe"]
-        if (recipe["seed"], recipe["threads"]) != (args.seed, args.threads):
-            print(f"{work} ran with seed {recipe['seed']} and {recipe['threads']} thread(s), not {args.seed} / {args.threads}", file=sys.stderr)
+        ran = (recipe["seed"], recipe["threads"], recipe.get("processes", 1))
+        if ran != (args.seed, args.threads, args.processes):
+            print(f"{work} ran with seed / threads / processes {ran}, not {(args.seed, args.threads, args.processes)}", file=sys.stderr)
             return 1
     else:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tinygptv-micro-"))
-        recipe = MicroRecipe(seed=args.seed, threads=args.threads)
-        run_micro_recipe(work, recipe, configs_dir=ROOT / "configs" / "micro", log=lambda m: print(m, flush=True))
+        recipe = MicroRecipe(seed=args.seed, threads=args.threads, processes=args.processes)
+        run_micro_recipe(work, recipe, configs_dir=ROOT / "configs" / "micro", log=print)
     model = work / "model"
     new = file_hashes(model)
 
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if ASSET.exists():
             shutil.rmtree(ASSET)
         shutil.copytree(model, ASSET)
-        (ASSET / MANIFEST).write_text(json.dumps({"seed": args.seed, "threads": args.threads, "sha256": new}, indent=2) + "\n")
+        (ASSET / MANIFEST).write_text(json.dumps({"seed": args.seed, "threads": args.threads, "processes": args.processes, "sha256": new}, indent=2) + "\n")
         shutil.copy(work / "report.md", ASSET / REPORT)
         print(f"installed the new build into {ASSET}")
         return 0

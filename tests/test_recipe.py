@@ -15,6 +15,7 @@ from tinygptv.recipes.pretrain import (
     SCENE_LENGTH,
     DenseTargets,
     PretrainSettings,
+    drill_document,
     encode_document,
     reading_order,
     scene_tokens,
@@ -33,7 +34,7 @@ def toy_recipe(**kwargs) -> MicroRecipe:
         eval_limit=4,
         eval_batch_size=4,
         threads=1,
-        **kwargs,
+        **{"processes": 1, **kwargs},
     )
 
 
@@ -155,3 +156,46 @@ def test_ablation_removes_each_change_and_reports_a_stopped_run(toy_run, tmp_pat
     table = format_ablation({**results, **stopped})
     assert "| - QK Norm | stopped:" in table and table.count("\n") == 4
     assert set(ABLATIONS) >= {"- LoRA", "- input LayerNorm", "- RMSNorm", "- QK Norm"}
+
+
+def test_a_drill_reads_a_fresh_scene_and_asks_every_task_about_it():
+    from tinygptv.data.shapes import SHAPES, COLORS, held_out_pairs
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    seen_pairs = set()
+    for index in range(30):
+        tokens, labels = drill_document(tokenizer, index, seed=0, held_out=held_out)
+        assert (tokens, labels) == drill_document(tokenizer, index, seed=0, held_out=held_out)  # deterministic
+        text = tokenizer.decode(tokens)
+        for task in ("[vqa]", "[refer]", "[identify]"):
+            assert task in text
+        # the 32 scene tokens are read, never targets; every answer (and only answers) is a target
+        targets = [t for t, l in zip(tokens, labels) if l != -100]
+        assert tokenizer.decode(targets).count("###") == text.count("[/INST]")
+        start = next(k for k in range(len(tokens)) if labels[k] == -100 and tokenizer.decode(tokens[k : k + 1]).strip() in
+                     ("gray", "sand", "slate", "sage", "plain", "striped", "checkered", "shaded", "background"))
+        assert all(l == -100 for l in labels[start : start + SCENE_LENGTH])
+        # each [refer] answer is the box written in the scene
+        scene_text = tokenizer.decode(tokens[start : start + SCENE_LENGTH])
+        for answer in text.split("[/INST]")[1:]:
+            box = answer.split("###")[0]
+            if box.startswith("{"):
+                assert box[1:-1] in scene_text
+        for c in COLORS:
+            for sh in SHAPES:
+                if f" {c} {sh}" in scene_text or f"{c} {sh}" in scene_text:
+                    seen_pairs.add((c, sh))
+    assert not seen_pairs & set(held_out)  # a drill never shows a held-out colour-shape pair
+
+
+def test_recipe_in_two_processes_repeats_bit_for_bit(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        report = run_micro_recipe(
+            out, toy_recipe(processes=2), stage_overrides=TOY_STAGES, evaluate_stages=False, log=print
+        )
+        assert report["processes"] == 2 and "stage 4" in report["phases"]
+        runs.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "model").iterdir())})
+    assert runs[0] == runs[1] and "model.safetensors" in runs[0]

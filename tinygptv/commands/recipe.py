@@ -14,13 +14,17 @@ def register(subparsers) -> None:
         "four TinyGPT-V stages (configs/micro/stage{1..4}.yaml) with an evaluation after each; the "
         "finished model is --out/model (LoRA merged). Times, losses and accuracies go to "
         "--out/report.json and --out/report.md. The same --seed gives the same weights on the same "
-        "machine. The shipped build trained in 19.2 minutes (20.4 with its four evaluations) with one thread on this 2-core machine.",
+        "machine with the same --threads and --processes.",
     )
     p.add_argument("name", choices=["micro"], help="the recipe")
     p.add_argument("--out", required=True, help="output folder (must not hold an earlier run)")
     p.add_argument("--seed", type=int, default=None, help="seed of everything (default 0)")
     p.add_argument("--configs", default=None, help="folder of the stage configs (default: configs/micro of the source tree)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; results repeat only for the same count)")
+    p.add_argument(
+        "--processes", type=int, default=None,
+        help="processes sharing every training phase (default 2: one per core of a 2-core machine; results repeat only for the same count)",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
     p.add_argument("--progress", action="store_true", help="progress bars during the stages")
     p.add_argument(
@@ -31,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def recipe_from_args(args):
-    """The default :class:`~tinygptv.recipes.micro.MicroRecipe` with ``--seed`` / ``--threads`` applied."""
+    """The default :class:`~tinygptv.recipes.micro.MicroRecipe` with ``--seed`` / ``--threads`` / ``--processes`` applied."""
     from ..recipes.micro import MicroRecipe
 
     recipe = MicroRecipe()
@@ -39,6 +43,10 @@ def recipe_from_args(args):
         recipe.seed = args.seed
     if args.threads is not None:
         recipe.threads = args.threads
+    if getattr(args, "processes", None) is not None:
+        if args.processes < 1:
+            raise ValueError(f"--processes must be at least 1, got {args.processes}")
+        recipe.processes = args.processes
     return recipe
 
 
@@ -53,6 +61,6 @@ def run(args) -> int:
         stage_overrides=args.overrides,
         evaluate_stages=not args.no_eval,
         progress=args.progress,
-        log=lambda message: print(message, flush=True),
+        log=print,
     )
     return 0

@@ -62,9 +62,14 @@ class MicroRecipe:
     seed: int = 0
     """Seed of the world, every model init and every data order."""
     threads: int = 1
-    """Torch threads (a fixed count: results are bitwise repeatable only for the same count). One:
-    these matrices are too small for a second thread to pay, and two threads on two busy cores
-    slow a run down several-fold."""
+    """Torch threads per process (a fixed count: results are bitwise repeatable only for the same
+    count). One: these matrices are too small for a second thread to pay; on the 2-core machine
+    the recipe was measured on, two threads in one process made a step several times slower."""
+    processes: int = 2
+    """Processes that share every training phase (``torch.distributed``, gloo): each computes its
+    share of every batch and DDP averages the gradients. Two processes of one thread use both cores
+    of a 2-core machine where a second thread does not. Results are bitwise repeatable for the same
+    count; a different count gives (slightly) different weights."""
     world_images: int = 6000
     """Images of the shapes world (80 % train, 5 % val, 5 % test, 10 % compositional)."""
     vocab_size: int = 1024
@@ -72,9 +77,11 @@ class MicroRecipe:
     lm_documents: int = 20000
     """Texts of the world drawn for the tokenizer and the language-model pretraining."""
     lm: PretrainSettings = field(
-        default_factory=lambda: PretrainSettings(steps=600, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30)
+        default_factory=lambda: PretrainSettings(
+            steps=1200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30, drill_fraction=0.8
+        )
     )
-    """Language-model pretraining (rows of ``seq_len`` tokens)."""
+    """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(steps=450, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30)
     )
@@ -101,7 +108,8 @@ def default_configs_dir() -> Path:
 class Report:
     """What the recipe measured, written to ``report.json`` after every phase."""
 
-    def __init__(self, out: Path, recipe: MicroRecipe):
+    def __init__(self, out: Path, recipe: MicroRecipe, enabled: bool = True):
+        self.enabled = enabled
         self.path = out / "report.json"
         self.data: dict[str, Any] = {"recipe": recipe.to_dict(), "phases": {}, "stages": {}, "accuracy": {}}
 
@@ -109,7 +117,8 @@ class Report:
         return _Phase(self, name, log)
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+        if self.enabled:
+            self.path.write_text(json.dumps(self.data, indent=2) + "\n")
 
 
 class _Phase:
@@ -186,10 +195,12 @@ def build_language_model_phase(out: Path, tokenizer, documents, recipe: MicroRec
     config = get_preset(PRESET)
     torch.manual_seed(recipe.seed)
     lm = build_language_model(plain_language_config(config), config.initializer_range)
-    losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log)
+    held_out = [tuple(pair) for pair in json.loads((out / "world" / "shapes.json").read_text())["held_out_pairs"]]
+    losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log, held_out=held_out)
     state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
-    (out / "lm").mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "lm" / "model.safetensors"))
+    if _is_main():
+        (out / "lm").mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "lm" / "model.safetensors"))
     return {"state": state, "losses": losses}
 
 
@@ -209,8 +220,9 @@ def build_vision_phase(out: Path, world: Path, tokenizer, lm_state, recipe: Micr
     state = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
     state.update({f"qformer.{k}": v for k, v in model.qformer.state_dict().items()})
     state = {k: v.detach().contiguous() for k, v in state.items()}
-    (out / "vision").mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out / "vision" / "model.safetensors"))
+    if _is_main():
+        (out / "vision").mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / "vision" / "model.safetensors"))
     return {"state": state, "losses": losses}
 
 
@@ -325,31 +337,98 @@ def run_micro_recipe(
     """Run every phase into ``out`` (which must not hold an earlier run) and return the report.
 
     ``stage_overrides`` are ``key=value`` settings applied to every stage config (tests shorten the
-    stages this way); ``evaluate_stages=False`` skips the evaluations.
+    stages this way); ``evaluate_stages=False`` skips the evaluations. With ``recipe.processes``
+    above one, the phases run in that many processes started here (``log`` must then be picklable,
+    e.g. ``print``); the first one writes every file and logs.
     """
-    import torch
-
-    from ..train import train
-
     recipe = recipe or MicroRecipe()
     out = Path(out)
     configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
     if (out / "report.json").exists():
         raise ValueError(f"{out} already holds a recipe run (report.json); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    args = (out, recipe, configs_dir, tuple(stage_overrides), evaluate_stages, progress, log)
+    if recipe.processes > 1:
+        import torch.multiprocessing as mp
+
+        mp.start_processes(_recipe_process, args=(recipe.processes, _free_port(), args), nprocs=recipe.processes, start_method="spawn")
+        return json.loads((out / "report.json").read_text())
+    return _run_recipe(*args)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _recipe_process(rank: int, processes: int, port: int, args) -> None:
+    """One process of a multi-process recipe: join the group (as ``torchrun`` would set it up, which the
+    trainer's stages expect), run every phase, leave the group."""
+    import sys
+
+    import torch.distributed as dist
+
+    sys.stdout.reconfigure(line_buffering=True)  # the log shows up as it is written
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=processes)
+    try:
+        _run_recipe(*args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _is_main() -> bool:
+    from .pretrain import process_group
+
+    return process_group()[0] == 0
+
+
+def _barrier() -> None:
+    """Wait for every process of the group (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _quiet(message: str) -> None:
+    """The log of every process but the first."""
+
+
+def _run_recipe(out, recipe, configs_dir, stage_overrides, evaluate_stages, progress, log) -> dict[str, Any]:
+    import torch
+
+    from ..train import train
+
+    main = _is_main()
+    log = log if main else _quiet
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
-    report = Report(out, recipe)
-    overrides = [f"progress={str(progress).lower()}", *stage_overrides]
+    report = Report(out, recipe, enabled=main)
+    report.data["processes"] = recipe.processes
+    overrides = [f"progress={str(progress and main).lower()}", *stage_overrides]
     start = time.perf_counter()
 
     with report.phase("world", log):
-        world = make_world(out, recipe)
+        if main:
+            make_world(out, recipe)
+        _barrier()
+        world = out / "world"
     with report.phase("tokenizer", log):
+        from transformers import PreTrainedTokenizerFast
+
         from .pretrain import world_documents
 
         documents = world_documents(world, recipe.lm_documents, recipe.seed)
-        tokenizer = build_tokenizer(out, documents, recipe)
+        if main:
+            build_tokenizer(out, documents, recipe)
+        _barrier()
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
         report.data["tokenizer"] = {"tokens": len(tokenizer)}
     with report.phase("language model", log):
         lm = build_language_model_phase(out, tokenizer, documents, recipe, log)
@@ -359,24 +438,33 @@ def run_micro_recipe(
         report.data["pretrain_loss"]["vision"] = _tail_mean(vision["losses"])
     with report.phase("base", log):
         base = out / "base"
-        assemble_base(tokenizer, lm["state"], vision["state"], recipe.seed).save_pretrained(base)
+        if main:
+            assemble_base(tokenizer, lm["state"], vision["state"], recipe.seed).save_pretrained(base)
+        _barrier()
 
     for number in STAGE_NUMBERS:
         with report.phase(f"stage {number}", log):
             run_dir = train(stage_config(configs_dir, number, out, world, base, recipe, overrides))
-            report.data["stages"][str(number)] = {"final_loss": round(final_loss(run_dir), 4)}
+            _barrier()
+            if main:
+                report.data["stages"][str(number)] = {"final_loss": round(final_loss(run_dir), 4)}
         if evaluate_stages:
             with report.phase(f"eval {number}", log):
-                accuracy = evaluate(stage_model(base, run_dir), world, recipe, recipe.eval_limit)
-                report.data["accuracy"][str(number)] = accuracy
-                log(format_accuracy({str(number): accuracy}))
+                if main:
+                    accuracy = evaluate(stage_model(base, run_dir), world, recipe, recipe.eval_limit)
+                    report.data["accuracy"][str(number)] = accuracy
+                    log(format_accuracy({str(number): accuracy}))
+                _barrier()
 
     with report.phase("package", log):
-        package(base, out / "stage4", out / "model")
+        if main:
+            package(base, out / "stage4", out / "model")
+        _barrier()
     report.data["total_wall_s"] = round(time.perf_counter() - start, 1)
     report.save()
-    (out / "report.md").write_text(format_report(report.data) + "\n")
-    log(format_report(report.data))
+    if main:
+        (out / "report.md").write_text(format_report(report.data) + "\n")
+        log(format_report(report.data))
     return report.data
 
 

@@ -72,6 +72,12 @@ class PretrainSettings:
     """AdamW's decoupled weight decay on matrices (none on norms and biases)."""
     seq_len: int = 256
     """Language model only: tokens per packed row."""
+    drill_fraction: float = 0.0
+    """Language model only: share of each batch's rows that are scene drills (:func:`drill_document`:
+    a fresh scene and every stage-4 question about it); the rest are packed world documents."""
+    drill_questions: int = 6
+    """Language model only: ``[vqa]`` questions per drill (its ``[refer]`` / ``[identify]`` pairs
+    come on top, one each per object that a phrase picks out)."""
     log_every: int = 50
     """Report the mean loss every this many steps."""
 
@@ -226,6 +232,74 @@ def pack_documents(tokenizer, documents: Sequence[Document], seq_len: int, seed:
 
 
 # =============================================================================================
+# Scene drills: text-only scenes, every stage-4 question about each
+# =============================================================================================
+
+DRILL_IMAGE_IDS = 1_000_000_000
+"""Scene ids of the drills start here, far above any image of a world: a drill never repeats an image."""
+
+
+def drill_document(tokenizer, index: int, seed: int, held_out: Sequence[tuple[str, str]], questions: int = 6):
+    """Scene drill ``index``: token ids and targets of one fresh scene of the world (drawn by the
+    world's own generator under the training split's rules, so no held-out colour-shape pair), read
+    as its scene tokens, followed by a stage-4 conversation of its questions in a random order:
+    ``questions`` ``[vqa]`` questions and, for every object a phrase picks out alone, its
+    ``[refer]`` and ``[identify]`` pair. Only the answers are targets.
+
+    Why: in packed world documents, one image's few questions share a row with other images'
+    scenes, and the 4,800 training images repeat. A drill gives each scene a dozen questions that
+    must be answered by looking it up, about a scene never seen before: the LM learns to read a
+    scene, not to remember one."""
+    import random
+
+    from ..data import shapes as world
+    from ..data.boxes import format_box, normalize_box
+    from ..data.instructions import instruction
+    from ..data.sources import stable_hash
+    from ..data.templates import template_for_stage
+
+    scene = world.generate_scene(seed, DRILL_IMAGE_IDS + index, "train", held_out)
+    world.measure_boxes(scene, world.render(scene))  # boxes as the world measures them
+    rng = random.Random(stable_hash(seed, "drill", index))
+    turns = [("vqa", instruction("vqa", rng, qa.question), qa.answer) for qa in world.questions(scene, seed, held_out, questions)]
+    for obj, phrase in zip(scene.objects, world.referring_expressions(scene, seed)):
+        if phrase is not None:
+            box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
+            turns.append(("refer", instruction("refer", rng, phrase), box))
+            turns.append(("identify", instruction("identify", rng, box), phrase))
+    rng.shuffle(turns)
+    template = template_for_stage(4)
+    chunks: list[tuple[str, bool]] = []
+    for k, (task, user, answer) in enumerate(turns):
+        chunks.append((template.user_format.format(template.first_content(user, 1 if k == 0 else 0, task)), False))
+        chunks.append((answer + template.end_symbol, True))
+    ids = encode_chunks(tokenizer, chunks, num_image_tokens=1)
+    tokens: list[int] = []
+    labels: list[int] = []
+    for token, label in zip(ids.input_ids, ids.labels):
+        if token == IMAGE_TOKEN_ID:
+            scene_ids = scene_tokens(scene, tokenizer, rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS))
+            tokens.extend(scene_ids)
+            labels.extend([IGNORE_INDEX] * len(scene_ids))
+        else:
+            tokens.append(token)
+            labels.append(label)
+    return tokens, labels
+
+
+def drill_rows(tokenizer, indices: Sequence[int], seed: int, held_out, settings: "PretrainSettings"):
+    """Drills ``indices`` as (N, seq_len) token and target rows, cut or padded (pad: no target)."""
+    rows = torch.full((len(indices), settings.seq_len), tokenizer.pad_token_id, dtype=torch.long)
+    targets = torch.full((len(indices), settings.seq_len), IGNORE_INDEX, dtype=torch.long)
+    for row, index in enumerate(indices):
+        tokens, labels = drill_document(tokenizer, index, seed, held_out, settings.drill_questions)
+        n = min(len(tokens), settings.seq_len)
+        rows[row, :n] = torch.tensor(tokens[:n])
+        targets[row, :n] = torch.tensor(labels[:n])
+    return rows, targets
+
+
+# =============================================================================================
 # Optimisation shared by both loops
 # =============================================================================================
 
@@ -287,23 +361,56 @@ def pretrain_language_model(
     settings: PretrainSettings,
     seed: int,
     log: Logger | None = None,
+    held_out: Sequence[tuple[str, str]] = (),
 ) -> list[float]:
-    """Train ``lm`` (a transformers causal LM) on the packed ``documents`` (scene tokens read, not written).
-    Rows are visited in a seeded random order, epoch after epoch. Returns the per-step losses."""
+    """Train ``lm`` (a transformers causal LM) on the packed ``documents`` (scene tokens read, not
+    written) and, with ``settings.drill_fraction``, scene drills (:func:`drill_document`; ``held_out``:
+    the world's held-out colour-shape pairs, which no drill shows). Packed rows are visited in a
+    seeded random order, epoch after epoch; drills are new every step. In a process group
+    (``torch.distributed``), each process computes its share of every batch under DDP, so the
+    result depends on the number of processes, not on their timing. Returns the per-step losses."""
     rows, targets = pack_documents(tokenizer, documents, settings.seq_len, seed)  # (N, T) each
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
+    drills = round(settings.batch_size * settings.drill_fraction)
+    rank, world_size = process_group()
+    model = _distributed(lm)
     lm.train()
 
     def step_loss(step: int) -> torch.Tensor:
         nonlocal order
-        while len(order) < settings.batch_size:
+        packed = settings.batch_size - drills
+        while len(order) < packed:
             order = torch.cat([order, torch.randperm(len(rows), generator=generator)])
-        picked, order = order[: settings.batch_size], order[settings.batch_size :]
-        return lm(input_ids=rows[picked], labels=targets[picked]).loss
+        picked, order = order[:packed], order[packed:]
+        mine = list(range(settings.batch_size))[rank::world_size]  # this process's rows of the batch
+        drill_ids = [step * drills + k for k in mine if k < drills]
+        packed_ids = picked[[k - drills for k in mine if k >= drills]]
+        batch = [drill_rows(tokenizer, drill_ids, seed, held_out, settings)] if drill_ids else []
+        batch.append((rows[packed_ids], targets[packed_ids]))
+        return model(input_ids=torch.cat([b[0] for b in batch]), labels=torch.cat([b[1] for b in batch])).loss
 
     params = [p for p in lm.parameters() if p.requires_grad]
-    return _fit(step_loss, params, settings, "language model", log)
+    return _fit(step_loss, params, settings, "language model", log if rank == 0 else None)
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world size)`` of the ``torch.distributed`` group this process is in, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _distributed(module: nn.Module) -> nn.Module:
+    """``module`` under DDP when this process is in a group of several (gradients averaged across
+    the group in backward), else ``module`` itself."""
+    if process_group()[1] == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, broadcast_buffers=False)
 
 
 # =============================================================================================
@@ -434,6 +541,18 @@ class VisionHeads(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + F.mse_loss(mapped, embeddings[ids])
 
 
+class _VisionPretraining(nn.Module):
+    """The ViT, the Q-Former and the temporary heads as one module (what DDP wraps): images in, loss out."""
+
+    def __init__(self, vision: nn.Module, qformer: nn.Module, heads: VisionHeads):
+        super().__init__()
+        self.vision, self.qformer, self.heads = vision, qformer, heads
+
+    def forward(self, pixels: torch.Tensor, dense: Sequence[DenseTargets], ids: torch.Tensor, embeddings: torch.Tensor):
+        hidden = self.vision(pixels)
+        return self.heads.dense_loss(hidden, dense) + self.heads.token_loss(self.qformer(hidden), ids, embeddings)
+
+
 def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: int, log: Logger | None = None) -> list[float]:
     """Train ``model.vision`` and ``model.qformer`` (of a :class:`~tinygptv.TinyGPTV` holding the
     pretrained, frozen micro LM) on the world's training images:
@@ -463,6 +582,8 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     for part in (model.vision, model.qformer):
         part.requires_grad_(True)
         part.train()
+    rank, world_size = process_group()
+    trained = _distributed(_VisionPretraining(model.vision, model.qformer, heads))
     rng = random.Random(seed)
     order: list[int] = []
 
@@ -471,12 +592,11 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         if len(order) < settings.batch_size:
             order += rng.sample(range(len(bank.scenes)), len(bank.scenes))
         picked, order = order[: settings.batch_size], order[settings.batch_size :]
-        hidden = model.vision(bank.normalized(picked))
-        dense = heads.dense_loss(hidden, [targets[i] for i in picked])
-        return dense + heads.token_loss(model.qformer(hidden), ids[picked], embeddings)
+        mine = picked[rank::world_size]  # this process's images of the batch
+        return trained(bank.normalized(mine), [targets[i] for i in mine], ids[mine], embeddings)
 
     params = [*model.vision.parameters(), *model.qformer.parameters(), *heads.parameters()]
-    losses = _fit(step_loss, params, settings, "vision", log)
+    losses = _fit(step_loss, params, settings, "vision", log if rank == 0 else None)
     model.requires_grad_(False)
     model.eval()
     return losses
