@@ -199,3 +199,24 @@ def test_recipe_in_two_processes_repeats_bit_for_bit(tmp_path):
         assert report["processes"] == 2 and "stage 4" in report["phases"]
         runs.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "model").iterdir())})
     assert runs[0] == runs[1] and "model.safetensors" in runs[0]
+
+
+def test_coordinate_embeddings_start_as_a_code_of_their_value():
+    from tinygptv.config import get_preset
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import init_coordinate_embeddings
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    lm = build_language_model(plain_language_config(get_preset("tinygptv-micro")), 0.02)
+    other = lm.get_input_embeddings().weight[5].clone()
+    init_coordinate_embeddings(lm, tokenizer)
+    rows = [tokenizer.convert_tokens_to_ids(f"<{k}>") for k in range(101)]
+    emb = lm.get_input_embeddings().weight[rows]
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(emb[40], emb[41], dim=0) > 0.9 > 0.5 > cos(emb[40], emb[60], dim=0)
+    assert cos(emb[10], emb[11], dim=0) > cos(emb[10], emb[13], dim=0) > cos(emb[10], emb[30], dim=0)
+    assert torch.allclose(emb.norm(dim=1), other.norm().expand(101), rtol=0.3)  # the random init's size
+    assert torch.equal(lm.get_output_embeddings().weight[rows], emb)
+    assert torch.equal(lm.get_input_embeddings().weight[5], other)  # other rows untouched

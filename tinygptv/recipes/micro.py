@@ -10,7 +10,8 @@ stages on top (section 4.1). The micro model is the same architecture, only smal
  0    world               ``tinygptv data make-shapes`` (``world/``)
  1    tokenizer           byte-level BPE on the world's texts (``tokenizer/``)
  2    language model      causal-LM pretraining of the micro Phi on the world's texts, each image
-                          written as its scene tokens; without TinyGPT-V's norms (``lm/``)
+                          written as its scene tokens, and on scene drills (fresh text-only scenes,
+                          a dozen stage-4 questions each); without TinyGPT-V's norms (``lm/``)
  3    vision              ViT (dense per-patch targets) + Q-Former (its queries become the scene
                           tokens in the LM's embedding space) (``vision/``)
  4    base                the TinyGPT-V model: pretrained frozen parts, TinyGPT-V's norms and LoRA
@@ -27,8 +28,12 @@ the same trainer, the same :func:`tinygptv.stages.apply_stage`, the same schedul
 only the numbers in ``configs/micro`` are the micro model's. The one deliberate difference: stage 4
 runs at 224 px, not 448 (see ``configs/micro/stage4.yaml``).
 
-Everything is seeded and runs with a fixed number of threads and deterministic algorithms, so the
-same seed gives the same weights, bit for bit, on the same machine (``scripts/build_builtin_model.py``
+Every training phase runs in ``processes`` processes (default 2, one per core: DDP over gloo, each
+process computing its share of every batch; the stages through the trainer's own ``torchrun``
+path), because on a 2-core machine two one-thread processes are ~1.7x faster than one, where a
+second thread in one process is slower. Everything is seeded and runs with a fixed number of
+threads and processes and deterministic algorithms, so the same seed gives the same weights, bit
+for bit, on the same machine (``scripts/build_builtin_model.py``
 checks its output's hashes). ``report.json`` / ``report.md`` record per phase the wall and CPU time
 and the load average, the final losses and the accuracy after each stage.
 """
@@ -83,7 +88,7 @@ class MicroRecipe:
     )
     """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills)."""
     vision: PretrainSettings = field(
-        default_factory=lambda: PretrainSettings(steps=450, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30)
+        default_factory=lambda: PretrainSettings(steps=700, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30)
     )
     """Vision encoder + Q-Former pretraining."""
     eval_limit: int | None = 200
@@ -190,11 +195,12 @@ def build_language_model_phase(out: Path, tokenizer, documents, recipe: MicroRec
 
     from ..config import get_preset
     from ..model.language import build_language_model
-    from .pretrain import pretrain_language_model
+    from .pretrain import init_coordinate_embeddings, pretrain_language_model
 
     config = get_preset(PRESET)
     torch.manual_seed(recipe.seed)
     lm = build_language_model(plain_language_config(config), config.initializer_range)
+    init_coordinate_embeddings(lm, tokenizer)
     held_out = [tuple(pair) for pair in json.loads((out / "world" / "shapes.json").read_text())["held_out_pairs"]]
     losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log, held_out=held_out)
     state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}

@@ -11,7 +11,12 @@ own, on the shapes world, before the four TinyGPT-V stages:
    Where a text has an image, the LM reads the image's 32 *scene tokens* instead
    (:func:`scene_tokens`: the background, then each object's size, colour, shape and box, in a
    random order), never as targets: it learns to answer, describe and locate from a written scene,
-   as a real LLM has read countless descriptions of scenes. Like Phi-2 it is trained *without*
+   as a real LLM has read countless descriptions of scenes. Most rows of each batch are *scene
+   drills* (:func:`drill_document`): a fresh text-only scene drawn by the world's own generator,
+   followed by a dozen stage-4 questions about it (``[vqa]``, ``[refer]``, ``[identify]``), so
+   that looking a scene up, not remembering the training images, is what lowers the loss. The box
+   coordinates' embeddings start as a code of their value (:func:`init_coordinate_embeddings`).
+   Like Phi-2 it is trained *without*
    TinyGPT-V's QK norm and post-attention RMSNorm: those are TinyGPT-V's additions, put on top of
    the pretrained LM at their identity-like init when the base model is assembled, exactly as the
    paper adds them to Phi-2. This keeps the Table 4 ablation meaningful too.
@@ -27,7 +32,8 @@ own, on the shapes world, before the four TinyGPT-V stages:
    as the paper's stage 1 does.
 
 Both loops are deterministic: the data order is a pure function of the seed, and nothing else is
-random but the seeded model init. How far they get in the recipe's budget is measured in the
+random but the seeded model init. In a ``torch.distributed`` group (the recipe's ``processes``)
+each process computes its share of every batch under DDP. How far they get in the recipe's budget is measured in the
 recipe's report (and in the README): not yet far enough.
 """
 
@@ -394,6 +400,31 @@ def pretrain_language_model(
     return _fit(step_loss, params, settings, "language model", log if rank == 0 else None)
 
 
+def init_coordinate_embeddings(lm: nn.Module, tokenizer, shortest_period: float = 8.0, longest_period: float = 400.0) -> None:
+    """Start the rows of the box coordinates ``<0>`` ... ``<100>`` (input embeddings and output head)
+    as a sine-cosine code of their value, at the size of the random init: neighbouring values start
+    alike (cosine ~0.96 for 1 apart, ~0.15 for 20 apart) instead of as unrelated random vectors.
+    Whatever reads or writes coordinates (the LM copying a box, the Q-Former learning to emit one)
+    then starts from "close is almost right"; the rows still train."""
+    from ..data.boxes import SCALE
+
+    rows = [tokenizer.convert_tokens_to_ids(f"<{k}>") for k in range(SCALE + 1)]
+    embeddings = lm.get_input_embeddings().weight
+    width = embeddings.shape[1]
+    value = torch.arange(SCALE + 1, dtype=torch.float32)[:, None]
+    periods = torch.logspace(math.log10(shortest_period), math.log10(longest_period), width // 2)
+    angle = 2 * math.pi * value / periods
+    code = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    code = F.pad(code, (0, width - code.shape[1]))
+    with torch.no_grad():
+        scale = embeddings.std().item() * math.sqrt(width)
+        code = code / code.norm(dim=1, keepdim=True) * scale
+        embeddings[rows] = code.to(embeddings.dtype)
+        head = lm.get_output_embeddings().weight
+        if head.data_ptr() != embeddings.data_ptr():
+            head[rows] = code.to(head.dtype)
+
+
 def process_group() -> tuple[int, int]:
     """``(rank, world size)`` of the ``torch.distributed`` group this process is in, else ``(0, 1)``."""
     import torch.distributed as dist
@@ -608,10 +639,12 @@ __all__ = [
     "ImageBank",
     "PretrainSettings",
     "VisionHeads",
+    "init_coordinate_embeddings",
     "init_sincos_positions",
     "pack_documents",
     "pretrain_language_model",
     "pretrain_vision",
+    "drill_document",
     "reading_order",
     "scene_tokens",
     "world_documents",
