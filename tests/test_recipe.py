@@ -220,3 +220,23 @@ def test_coordinate_embeddings_start_as_a_code_of_their_value():
     assert torch.allclose(emb.norm(dim=1), other.norm().expand(101), rtol=0.3)  # the random init's size
     assert torch.equal(lm.get_output_embeddings().weight[rows], emb)
     assert torch.equal(lm.get_input_embeddings().weight[5], other)  # other rows untouched
+
+
+def test_object_weight_adds_a_cross_entropy_over_the_object_patches_alone():
+    from tinygptv.recipes.pretrain import VisionHeads
+
+    torch.manual_seed(0)
+    targets = [DenseTargets(_scene(), grid=14, patch=16)]
+    hidden = torch.randn(1, 1 + 14 * 14, 32)
+    plain = VisionHeads(32, 16, 8)
+    weighted = VisionHeads(32, 16, 8, object_weight=2.0)
+    weighted.load_state_dict(plain.state_dict())
+    base, more = plain.dense_loss(hidden, targets), weighted.dense_loss(hidden, targets)
+    out = plain.dense(hidden[:, 1:]).flatten(0, 1)
+    on_object = targets[0].mask > 0
+    extra, start = 0.0, 0
+    for k, n in enumerate(PATCH_LABELS.values()):
+        extra += torch.nn.functional.cross_entropy(out[on_object, start : start + n + 1], targets[0].labels[on_object, k])
+        start += n + 1
+    assert torch.allclose(more, base + 2.0 * extra, atol=1e-5)
+    assert more > base

@@ -88,7 +88,9 @@ class MicroRecipe:
     )
     """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills)."""
     vision: PretrainSettings = field(
-        default_factory=lambda: PretrainSettings(steps=700, batch_size=32, lr=2e-3, min_lr=1e-4, warmup_steps=30)
+        default_factory=lambda: PretrainSettings(
+            steps=700, batch_size=32, lr=4e-3, min_lr=1e-4, warmup_steps=30, object_weight=1.0
+        )
     )
     """Vision encoder + Q-Former pretraining."""
     eval_limit: int | None = 200

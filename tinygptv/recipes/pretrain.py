@@ -81,6 +81,9 @@ class PretrainSettings:
     drill_fraction: float = 0.0
     """Language model only: share of each batch's rows that are scene drills (:func:`drill_document`:
     a fresh scene and every stage-4 question about it); the rest are packed world documents."""
+    object_weight: float = 0.0
+    """Vision only: weight of the dense cross-entropy over object patches alone, on top of the one over
+    every patch (:class:`VisionHeads`)."""
     drill_questions: int = 6
     """Language model only: ``[vqa]`` questions per drill (its ``[refer]`` / ``[identify]`` pairs
     come on top, one each per object that a phrase picks out)."""
@@ -543,8 +546,10 @@ class VisionHeads(nn.Module):
     * ``to_lm``: a linear map of each Q-Former output into the language model's embedding space,
       scored against the frozen LM's input embeddings (the BLIP-2 projection's role)."""
 
-    def __init__(self, vision_width: int, qformer_width: int, lm_width: int):
+    def __init__(self, vision_width: int, qformer_width: int, lm_width: int, object_weight: float = 0.0):
         super().__init__()
+        self.object_weight = object_weight
+        """Weight of a second dense cross-entropy over the object patches only (0: none)."""
         self.dense = nn.Linear(vision_width, sum(n + 1 for n in PATCH_LABELS.values()) + 4)
         self.scene = nn.Linear(vision_width, 8)
         self.to_lm = nn.Linear(qformer_width, lm_width)
@@ -552,12 +557,17 @@ class VisionHeads(nn.Module):
     def dense_loss(self, hidden: torch.Tensor, targets: Sequence[DenseTargets]) -> torch.Tensor:
         out = self.dense(hidden[:, 1:])  # (N, P, classes + 4)
         labels = torch.stack([t.labels for t in targets])  # (N, P, 4)
+        boxes, mask = torch.stack([t.boxes for t in targets]), torch.stack([t.mask for t in targets])
+        on_object = mask.flatten() > 0
         loss = hidden.new_zeros(())
         start = 0
         for k, n in enumerate(PATCH_LABELS.values()):
-            loss = loss + F.cross_entropy(out[..., start : start + n + 1].flatten(0, 1), labels[..., k].flatten())
+            logits, wanted = out[..., start : start + n + 1].flatten(0, 1), labels[..., k].flatten()
+            loss = loss + F.cross_entropy(logits, wanted)
+            if self.object_weight and on_object.any():
+                # object patches are few: without this, "none" drowns what each object is
+                loss = loss + self.object_weight * F.cross_entropy(logits[on_object], wanted[on_object])
             start += n + 1
-        boxes, mask = torch.stack([t.boxes for t in targets]), torch.stack([t.mask for t in targets])
         box_err = F.smooth_l1_loss(out[..., start:], boxes, reduction="none", beta=0.02).sum(-1)
         loss = loss + 5.0 * (box_err * mask).sum() / mask.sum().clamp(min=1)
         scene = self.scene(hidden[:, 0])
@@ -602,7 +612,7 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     bank = ImageBank(root, "train")
     tokenizer = model.tokenizer
     embeddings = model.language_model.get_input_embeddings().weight.detach()
-    heads = VisionHeads(cfg.hidden_size, model.config.qformer.hidden_size, embeddings.shape[1])
+    heads = VisionHeads(cfg.hidden_size, model.config.qformer.hidden_size, embeddings.shape[1], settings.object_weight)
     init_sincos_positions(model.vision)
     targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
     identity = list(range(SCENE_OBJECTS))
