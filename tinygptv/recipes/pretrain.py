@@ -205,17 +205,23 @@ def encode_document(tokenizer, document: Document, rng) -> tuple[list[int], list
     first), every token a target."""
     chunks, scene = document
     ids = encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids  # one slot per image
-    out: list[int] = []
-    labels: list[int] = []
-    for token in ids:
+    return splice_scene(ids, ids, scene, tokenizer, rng)
+
+
+def splice_scene(ids: Sequence[int], labels: Sequence[int], scene, tokenizer, rng) -> tuple[list[int], list[int]]:
+    """``ids`` / ``labels`` with each image slot replaced by the scene's tokens (groups in an order
+    drawn from ``rng``), which are never targets."""
+    tokens: list[int] = []
+    targets: list[int] = []
+    for token, label in zip(ids, labels):
         if token == IMAGE_TOKEN_ID:
             scene_ids = scene_tokens(scene, tokenizer, rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS))
-            out.extend(scene_ids)
-            labels.extend([IGNORE_INDEX] * len(scene_ids))
+            tokens.extend(scene_ids)
+            targets.extend([IGNORE_INDEX] * len(scene_ids))
         else:
-            out.append(token)
-            labels.append(token)
-    return out, labels
+            tokens.append(token)
+            targets.append(label)
+    return tokens, targets
 
 
 def pack_documents(tokenizer, documents: Sequence[Document], seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,18 +288,8 @@ def drill_document(tokenizer, index: int, seed: int, held_out: Sequence[tuple[st
     for k, (task, user, answer) in enumerate(turns):
         chunks.append((template.user_format.format(template.first_content(user, 1 if k == 0 else 0, task)), False))
         chunks.append((answer + template.end_symbol, True))
-    ids = encode_chunks(tokenizer, chunks, num_image_tokens=1)
-    tokens: list[int] = []
-    labels: list[int] = []
-    for token, label in zip(ids.input_ids, ids.labels):
-        if token == IMAGE_TOKEN_ID:
-            scene_ids = scene_tokens(scene, tokenizer, rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS))
-            tokens.extend(scene_ids)
-            labels.extend([IGNORE_INDEX] * len(scene_ids))
-        else:
-            tokens.append(token)
-            labels.append(label)
-    return tokens, labels
+    encoded = encode_chunks(tokenizer, chunks, num_image_tokens=1)
+    return splice_scene(encoded.input_ids, encoded.labels, scene, tokenizer, rng)
 
 
 def drill_rows(tokenizer, indices: Sequence[int], seed: int, held_out, settings: "PretrainSettings"):
