@@ -240,3 +240,142 @@ def test_object_weight_adds_a_cross_entropy_over_the_object_patches_alone():
         start += n + 1
     assert torch.allclose(more, base + 2.0 * extra, atol=1e-5)
     assert more > base
+
+
+def test_template_markers_and_task_tags_are_one_token_each_and_decode_exactly():
+    from tinygptv.recipes.world_tokenizer import template_tokens
+
+    tokenizer = _tokenizer()
+    text = "[INST] <Img> a red star .</Img> [identify] Which object is at {<3><40><9><51>}? [/INST]the red star###"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    for marker in ("[INST]", "<Img>", "</Img>", " [identify]", " [/INST]", "###"):
+        assert marker in pieces, marker
+    assert tokenizer.decode(ids) == text
+    # a stage-3 turn: the longer marker wins over its "###" prefix
+    assert "###Human:" in tokenizer.convert_ids_to_tokens(tokenizer("###Human: hi ###Assistant: ", add_special_tokens=False)["input_ids"])
+    assert len(set(template_tokens())) == len(template_tokens()) and len(tokenizer) <= 1024
+
+
+def test_short_prompt_drills_ask_the_same_questions_in_the_first_phrasing():
+    from tinygptv.data.instructions import INSTRUCTIONS
+    from tinygptv.data.shapes import held_out_pairs
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    for index in range(10):
+        long_ids, long_labels = drill_document(tokenizer, index, 0, held_out)
+        short_ids, short_labels = drill_document(tokenizer, index, 0, held_out, short_prompts=True)
+        answers = lambda ids, labels: sorted(tokenizer.decode([t for t, l in zip(ids, labels) if l != -100]).split("###"))
+        assert answers(long_ids, long_labels) == answers(short_ids, short_labels)  # same questions, same answers
+        assert len(short_ids) <= len(long_ids)
+        text = tokenizer.decode(short_ids)
+        for task in ("refer", "identify"):
+            for other in INSTRUCTIONS[task][1:]:
+                assert other.split("{}")[0].strip() not in text
+
+
+def test_target_positions_loss_equals_the_causal_lm_loss_and_its_gradients():
+    from tinygptv.config import get_preset
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import TargetPositionsLoss
+
+    torch.manual_seed(0)
+    lm = build_language_model(plain_language_config(get_preset("tinygptv-tiny")), 0.02)
+    ids = torch.randint(3, 100, (3, 24))
+    labels = ids.clone()
+    labels[:, :9] = -100
+    labels[1, 15:] = -100
+    reference = lm(input_ids=ids, labels=labels).loss
+    reference.backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    loss = TargetPositionsLoss(lm)(ids, labels)
+    loss.backward()
+    assert torch.allclose(loss, reference, atol=1e-6)
+    for name, p in lm.named_parameters():
+        assert torch.allclose(p.grad, grads[name], atol=1e-6), name
+
+
+def test_fresh_vision_images_are_new_scenes_drawn_by_the_world_rules(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tinygptv.data import shapes as world
+    from tinygptv.recipes.pretrain import fresh_scenes, normalize_pixels
+
+    held_out = world.held_out_pairs(0)
+    scenes, pixels = fresh_scenes(0, range(40), held_out)
+    again, same = fresh_scenes(0, range(40), held_out)
+    assert torch.equal(pixels, same) and [s.to_json() for s in scenes] == [s.to_json() for s in again]
+    assert pixels.shape == (40, CANONICAL_SIZE, CANONICAL_SIZE, 3) and pixels.dtype == torch.uint8
+    assert not {o.pair for s in scenes for o in s.objects} & set(held_out)
+    for scene, image in zip(scenes[:5], pixels[:5]):  # boxes measured on the very pixels the ViT sees
+        x1, y1, x2, y2 = scene.objects[0].box
+        color = world.COLORS[scene.objects[0].color]
+        assert (image[y1:y2, x1:x2] == torch.tensor(color)).all(-1).any()
+    # normalised exactly as the image processor does it
+    from tinygptv.data.image_processing import ImageProcessor
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.asarray(pixels[0])).save(path)
+    expected = ImageProcessor(CANONICAL_SIZE)(Image.open(path))
+    assert torch.allclose(normalize_pixels(pixels[:1])[0], expected, atol=1e-5)
+
+
+def test_vision_pretraining_on_fresh_images_trains_and_repeats(toy_run):
+    import dataclasses
+
+    from tinygptv.config import get_preset
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.recipes.micro import pretrain_config
+    from tinygptv.recipes.pretrain import pretrain_vision
+    from transformers import PreTrainedTokenizerFast
+
+    out, _ = toy_run
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, fresh_images=True)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TinyGPTV(pretrain_config(get_preset("tinygptv-micro")), tokenizer=tokenizer)
+        before = model.vision.state_dict()["model.embeddings.patch_embedding.weight"].clone()
+        losses = pretrain_vision(model, out / "world", settings, seed=0)
+        after = model.vision.state_dict()["model.embeddings.patch_embedding.weight"]
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+        assert not torch.equal(before, after)
+        runs.append((losses, after))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_full_name_drills_answer_identify_with_size_colour_and_shape():
+    from tinygptv.data.shapes import held_out_pairs
+    from tinygptv.eval.shapes import objects_described
+    from tinygptv.recipes.pretrain import DRILL_IMAGE_IDS
+
+    from tinygptv.data import shapes as world
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    checked = 0
+    for index in range(20):
+        ids, labels = drill_document(tokenizer, index, 0, held_out, full_names=True)
+        plain_ids, plain_labels = drill_document(tokenizer, index, 0, held_out)
+        scene = world.generate_scene(0, DRILL_IMAGE_IDS + index, "train", held_out)
+        world.measure_boxes(scene, world.render(scene))
+        turns = tokenizer.decode(ids).split("[INST]")[1:]
+        for turn in turns:
+            if "[identify]" not in turn:
+                continue
+            answer = turn.split("[/INST]")[1].split("###")[0]
+            picked = objects_described(answer, scene.objects)
+            assert len(picked) == 1  # still names exactly one object
+            obj = scene.objects[picked[0]]
+            if sum(o.describe() == obj.describe() for o in scene.objects) == 1:
+                assert answer == f"the {obj.describe()}"
+                checked += 1
+        # everything but the identify answers is unchanged
+        strip = lambda t: [turn for turn in tokenizer.decode(t).split("[INST]") if "[identify]" not in turn]
+        assert strip(ids) == strip(plain_ids)
+    assert checked > 20

@@ -83,10 +83,19 @@ class MicroRecipe:
     """Texts of the world drawn for the tokenizer and the language-model pretraining."""
     lm: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=1200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30, drill_fraction=0.8
+            steps=1200,
+            batch_size=16,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=30,
+            seq_len=224,
+            drill_fraction=0.8,
+            drill_short_prompts=True,
+            drill_full_names=True,
         )
     )
-    """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills)."""
+    """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills, asked in
+    the first phrasing of each task so that a drill fits a row)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
             steps=700, batch_size=32, lr=4e-3, min_lr=1e-4, warmup_steps=30, object_weight=1.0

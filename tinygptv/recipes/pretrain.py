@@ -87,6 +87,17 @@ class PretrainSettings:
     drill_questions: int = 6
     """Language model only: ``[vqa]`` questions per drill (its ``[refer]`` / ``[identify]`` pairs
     come on top, one each per object that a phrase picks out)."""
+    fresh_images: bool = False
+    """Vision only: every step's images are new scenes drawn by the world's generator (the training
+    split's rules: no held-out colour-shape pair) and rendered on the fly, as drills are for the
+    language model, instead of the training split's few thousand images seen again and again."""
+    drill_full_names: bool = False
+    """Language model only: a drill's ``[identify]`` answers name the object by size, colour and shape
+    wherever that picks it out alone (:func:`drill_document`), instead of the world's shortest phrase."""
+    drill_short_prompts: bool = False
+    """Language model only: drills ask every question with its task's first (shortest) phrasing
+    instead of a random one, so a row holds more questions (the packed world documents keep every
+    phrasing)."""
     log_every: int = 50
     """Report the mean loss every this many steps."""
 
@@ -254,12 +265,26 @@ DRILL_IMAGE_IDS = 1_000_000_000
 """Scene ids of the drills start here, far above any image of a world: a drill never repeats an image."""
 
 
-def drill_document(tokenizer, index: int, seed: int, held_out: Sequence[tuple[str, str]], questions: int = 6):
+def drill_document(
+    tokenizer,
+    index: int,
+    seed: int,
+    held_out: Sequence[tuple[str, str]],
+    questions: int = 6,
+    short_prompts: bool = False,
+    full_names: bool = False,
+):
     """Scene drill ``index``: token ids and targets of one fresh scene of the world (drawn by the
     world's own generator under the training split's rules, so no held-out colour-shape pair), read
     as its scene tokens, followed by a stage-4 conversation of its questions in a random order:
     ``questions`` ``[vqa]`` questions and, for every object a phrase picks out alone, its
-    ``[refer]`` and ``[identify]`` pair. Only the answers are targets.
+    ``[refer]`` and ``[identify]`` pair, each in a random phrasing of its task (``short_prompts``:
+    the first, shortest one). Only the answers are targets. An ``[identify]`` answer is the world's
+    phrase for the object, or with ``full_names`` its size, colour and shape ("the large red star")
+    wherever those pick it out alone: the world's phrases are the shortest that do ("the star" when
+    there is one star), which asks the LM to weigh every other object before it writes a word; the
+    full name is three tokens copied from the object's own group, and it is right for the same
+    objects (the benchmark accepts any phrase that picks out the object).
 
     Why: in packed world documents, one image's few questions share a row with other images'
     scenes, and the 4,800 training images repeat. A drill gives each scene a dozen questions that
@@ -276,12 +301,15 @@ def drill_document(tokenizer, index: int, seed: int, held_out: Sequence[tuple[st
     scene = world.generate_scene(seed, DRILL_IMAGE_IDS + index, "train", held_out)
     world.measure_boxes(scene, world.render(scene))  # boxes as the world measures them
     rng = random.Random(stable_hash(seed, "drill", index))
-    turns = [("vqa", instruction("vqa", rng, qa.question), qa.answer) for qa in world.questions(scene, seed, held_out, questions)]
+    phrasing = None if short_prompts else rng  # instruction(): the first phrasing without an rng
+    turns = [("vqa", instruction("vqa", phrasing, qa.question), qa.answer) for qa in world.questions(scene, seed, held_out, questions)]
     for obj, phrase in zip(scene.objects, world.referring_expressions(scene, seed)):
         if phrase is not None:
             box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
-            turns.append(("refer", instruction("refer", rng, phrase), box))
-            turns.append(("identify", instruction("identify", rng, box), phrase))
+            turns.append(("refer", instruction("refer", phrasing, phrase), box))
+            name = f"the {obj.describe()}"
+            unique = sum(o.describe() == obj.describe() for o in scene.objects) == 1
+            turns.append(("identify", instruction("identify", phrasing, box), name if full_names and unique else phrase))
     rng.shuffle(turns)
     template = template_for_stage(4)
     chunks: list[tuple[str, bool]] = []
@@ -297,7 +325,9 @@ def drill_rows(tokenizer, indices: Sequence[int], seed: int, held_out, settings:
     rows = torch.full((len(indices), settings.seq_len), tokenizer.pad_token_id, dtype=torch.long)
     targets = torch.full((len(indices), settings.seq_len), IGNORE_INDEX, dtype=torch.long)
     for row, index in enumerate(indices):
-        tokens, labels = drill_document(tokenizer, index, seed, held_out, settings.drill_questions)
+        tokens, labels = drill_document(
+            tokenizer, index, seed, held_out, settings.drill_questions, settings.drill_short_prompts, settings.drill_full_names
+        )
         n = min(len(tokens), settings.seq_len)
         rows[row, :n] = torch.tensor(tokens[:n])
         targets[row, :n] = torch.tensor(labels[:n])
@@ -379,7 +409,7 @@ def pretrain_language_model(
     order = torch.empty(0, dtype=torch.long)
     drills = round(settings.batch_size * settings.drill_fraction)
     rank, world_size = process_group()
-    model = _distributed(lm)
+    model = _distributed(TargetPositionsLoss(lm))
     lm.train()
 
     def step_loss(step: int) -> torch.Tensor:
@@ -393,10 +423,28 @@ def pretrain_language_model(
         packed_ids = picked[[k - drills for k in mine if k >= drills]]
         batch = [drill_rows(tokenizer, drill_ids, seed, held_out, settings)] if drill_ids else []
         batch.append((rows[packed_ids], targets[packed_ids]))
-        return model(input_ids=torch.cat([b[0] for b in batch]), labels=torch.cat([b[1] for b in batch])).loss
+        return model(torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch]))
 
     params = [p for p in lm.parameters() if p.requires_grad]
     return _fit(step_loss, params, settings, "language model", log if rank == 0 else None)
+
+
+class TargetPositionsLoss(nn.Module):
+    """A causal LM's next-token cross-entropy (as transformers computes it: mean over the tokens
+    whose label is not ignored) with the output head applied at those positions only: in a drill
+    the answers are a fifth of the tokens, and the head and its softmax over the vocabulary would
+    otherwise be computed, and back-propagated, for every token."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.lm.get_decoder()(input_ids=input_ids).last_hidden_state  # (N, T, C)
+        targets = labels[:, 1:]
+        kept = targets != IGNORE_INDEX
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][kept])  # (targets, V)
+        return F.cross_entropy(logits.float(), targets[kept])
 
 
 def init_coordinate_embeddings(lm: nn.Module, tokenizer, shortest_period: float = 8.0, longest_period: float = 400.0) -> None:
@@ -486,11 +534,38 @@ class ImageBank:
 
     def normalized(self, indices: Sequence[int]) -> torch.Tensor:
         """Images ``indices`` as (N, 3, H, W) CLIP-normalised floats."""
-        from ..data.image_processing import CLIP_MEAN, CLIP_STD
+        return normalize_pixels(self.pixels[list(indices)])
 
-        x = self.pixels[list(indices)].float() * (1 / 255)
-        x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
-        return x.permute(0, 3, 1, 2).contiguous()
+
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images as (N, 3, H, W) CLIP-normalised floats, as
+    :class:`~tinygptv.data.image_processing.ImageProcessor` makes them at the image's own size."""
+    from ..data.image_processing import CLIP_MEAN, CLIP_STD
+
+    x = pixels.float() * (1 / 255)
+    x = (x - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+VISION_IMAGE_IDS = 2_000_000_000
+"""Scene ids of the vision pretraining's fresh images (``fresh_images``), apart from the drills'."""
+
+
+def fresh_scenes(seed: int, indices: Sequence[int], held_out: Sequence[tuple[str, str]]):
+    """New scenes ``indices`` of the world (training-split rules), rendered at the world's size:
+    ``(scenes with measured boxes, uint8 (N, S, S, 3) pixels)``."""
+    import numpy as np
+
+    from ..data import shapes as world
+
+    scenes, pixels = [], []
+    for index in indices:
+        scene = world.generate_scene(seed, VISION_IMAGE_IDS + index, "train", held_out)
+        image = world.render(scene)
+        world.measure_boxes(scene, image)
+        scenes.append(scene)
+        pixels.append(np.asarray(image))
+    return scenes, torch.from_numpy(np.stack(pixels))
 
 
 def reading_order(scene):
@@ -603,8 +678,11 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     Returns the per-step losses."""
     import random
 
+    import json
+
     cfg = model.config.vision
     grid = cfg.image_size // cfg.patch_size
+    held_out = [tuple(pair) for pair in json.loads((Path(root) / "shapes.json").read_text())["held_out_pairs"]]
     bank = ImageBank(root, "train")
     tokenizer = model.tokenizer
     embeddings = model.language_model.get_input_embeddings().weight.detach()
@@ -626,6 +704,12 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
 
     def step_loss(step: int) -> torch.Tensor:
         nonlocal order
+        if settings.fresh_images:
+            mine = list(range(step * settings.batch_size, (step + 1) * settings.batch_size))[rank::world_size]
+            scenes, pixels = fresh_scenes(seed, mine, held_out)
+            scene_ids = torch.tensor([scene_tokens(reading_order(s), tokenizer, identity) for s in scenes])
+            dense = [DenseTargets(s, grid, cfg.patch_size) for s in scenes]
+            return trained(normalize_pixels(pixels), dense, scene_ids, embeddings)
         if len(order) < settings.batch_size:
             order += rng.sample(range(len(bank.scenes)), len(bank.scenes))
         picked, order = order[: settings.batch_size], order[settings.batch_size :]
@@ -644,6 +728,7 @@ __all__ = [
     "DenseTargets",
     "ImageBank",
     "PretrainSettings",
+    "TargetPositionsLoss",
     "VisionHeads",
     "init_coordinate_embeddings",
     "init_sincos_positions",

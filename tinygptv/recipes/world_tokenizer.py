@@ -6,11 +6,15 @@ micro LM's 1,024 rows. Byte-level means any text can be written (an unknown word
 smaller pieces, never to ``<unk>``) and decoding gives back exactly what was encoded.
 
 The world's vocabulary is small, so BPE runs out of pairs to merge below the limit: every word
-the world uses becomes one token (with and without its leading space), and so does every run of
-punctuation it writes between two chunks of text. Every box coordinate as boxes are written,
-``<0>`` ... ``<100>``, is one added token (:func:`coordinate_tokens`), so that a box reads
-``{`` ``<12>`` ``<40>`` ``<33>`` ``<61>`` ``}`` and copying a box out of a scene is copying four
-tokens verbatim; plain integers 0-100 (counts) are single tokens too. Texts are split at
+the world uses becomes one token (with and without its leading space). Byte-level BPE never
+merges letters with punctuation, though, so two kinds of strings are added as whole tokens:
+
+* every box coordinate as boxes are written, ``<0>`` ... ``<100>`` (:func:`coordinate_tokens`),
+  so that a box reads ``{`` ``<12>`` ``<40>`` ``<33>`` ``<61>`` ``}`` and copying a box out of a
+  scene is copying four tokens verbatim (plain integers 0-100, the counts, are single tokens too);
+* the templates' markers and the task identifiers (:func:`template_tokens`: ``[INST]``,
+  `` [/INST]``, ``<Img>``, ``###``, `` [vqa]``, ...), which every stage-4 turn repeats: nine
+  tokens of each turn become three. Texts are split at
 ``<ImageHere>`` before training, as :func:`tinygptv.data.encoding.encode_chunks` tokenises the
 pieces around an image separately.
 
@@ -34,6 +38,20 @@ def coordinate_tokens() -> list[str]:
     return [f"<{k}>" for k in range(SCALE + 1)]
 
 
+TEMPLATE_MARKERS = ("[INST]", " [/INST]", "<Img>", "</Img>", "###", "###Human:", " ###Assistant:")
+"""The markers the templates write around every turn (:mod:`tinygptv.data.templates`), each as
+written, leading space included."""
+
+
+def template_tokens() -> list[str]:
+    """One token per template marker and per task identifier (`` [vqa]``, ...): byte-level BPE
+    never merges across punctuation, so ``[INST] [vqa]`` would otherwise be six tokens of every
+    turn; as added tokens it is two, and a stage-4 turn is about a third shorter."""
+    from ..data.templates import TASK_IDENTIFIERS
+
+    return [*TEMPLATE_MARKERS, *(f" {tag}" for tag in TASK_IDENTIFIERS.values())]
+
+
 def tokenizer_training_texts(chunks: Iterable[str]) -> Iterator[str]:
     """The pieces of text the tokenizer will see: each chunk split at its image placeholders, and
     every coordinate 0-100 in box form."""
@@ -55,13 +73,13 @@ def train_world_tokenizer(chunks: Iterable[str], vocab_size: int = 1024):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(coordinate_tokens()),
+        vocab_size=vocab_size - len(coordinate_tokens()) - len(template_tokens()),
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(tokenizer_training_texts(chunks), trainer)
-    tok.add_tokens([AddedToken(text, normalized=False) for text in coordinate_tokens()])
+    tok.add_tokens([AddedToken(text, normalized=False) for text in (*coordinate_tokens(), *template_tokens())])
     bos = SPECIAL_TOKENS[1]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
@@ -86,4 +104,12 @@ def check_world_tokenizer(tokenizer, vocab_size: int) -> None:
         raise ValueError(f"the numbers {split} are not single tokens: too little text to train the tokenizer on?")
 
 
-__all__ = ["SPECIAL_TOKENS", "check_world_tokenizer", "tokenizer_training_texts", "train_world_tokenizer"]
+__all__ = [
+    "SPECIAL_TOKENS",
+    "TEMPLATE_MARKERS",
+    "check_world_tokenizer",
+    "coordinate_tokens",
+    "template_tokens",
+    "tokenizer_training_texts",
+    "train_world_tokenizer",
+]
