@@ -245,8 +245,13 @@ def test_object_weight_adds_a_cross_entropy_over_the_object_patches_alone():
 def test_template_markers_and_task_tags_are_one_token_each_and_decode_exactly():
     from tinygptv.recipes.world_tokenizer import template_tokens
 
-    tokenizer = _tokenizer()
+    from tinygptv.data.shapes import COLORS, SHAPES, SIZES
+
+    words = [f"a {s} {c} {h} on a plain gray background ." for s in SIZES for c in COLORS for h in SHAPES]
+    plain = _tokenizer()
+    tokenizer = train_world_tokenizer(words * 4, 1024, template_markers=True)
     text = "[INST] <Img> a red star .</Img> [identify] Which object is at {<3><40><9><51>}? [/INST]the red star###"
+    assert "[INST]" not in plain.convert_ids_to_tokens(plain(text, add_special_tokens=False)["input_ids"])
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     pieces = tokenizer.convert_ids_to_tokens(ids)
     for marker in ("[INST]", "<Img>", "</Img>", " [identify]", " [/INST]", "###"):
@@ -379,3 +384,22 @@ def test_full_name_drills_answer_identify_with_size_colour_and_shape():
         strip = lambda t: [turn for turn in tokenizer.decode(t).split("[INST]") if "[identify]" not in turn]
         assert strip(ids) == strip(plain_ids)
     assert checked > 20
+
+
+def test_recipe_settings_are_set_from_text_with_their_types():
+    recipe = MicroRecipe()
+    recipe.set("lm.drill_short_prompts", "true")
+    recipe.set("lm.lr", "1e-3")
+    recipe.set("vision.steps", "5")
+    recipe.set("template_tokens", "yes")
+    recipe.set("eval_limit", "null")
+    assert recipe.lm.drill_short_prompts is True and recipe.lm.lr == 1e-3 and recipe.vision.steps == 5
+    assert recipe.template_tokens is True and recipe.eval_limit is None
+    recipe.set("lm.lr", "2")  # an int where a float is wanted
+    assert recipe.lm.lr == 2.0 and isinstance(recipe.lm.lr, float)
+    for key, value in [("lm.nope", "1"), ("nope", "1"), ("lm", "1"), ("lm.steps.x", "1")]:
+        with pytest.raises(ValueError, match="unknown recipe setting"):
+            recipe.set(key, value)
+    for key, value in [("lm.steps", "many"), ("lm.drill_short_prompts", "1"), ("vision.steps", "2.5")]:
+        with pytest.raises(ValueError, match="takes a"):
+            recipe.set(key, value)

@@ -25,6 +25,11 @@ def register(subparsers) -> None:
         "--processes", type=int, default=None,
         help="processes sharing every training phase (default 2: one per core of a 2-core machine; results repeat only for the same count)",
     )
+    p.add_argument(
+        "--set", dest="recipe_settings", action="append", default=[], metavar="KEY=VALUE",
+        help="a setting of the recipe itself (MicroRecipe; dotted for the pretraining loops), repeatable: "
+        "--set lm.steps=1500 --set lm.drill_short_prompts=true --set template_tokens=true",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
     p.add_argument("--progress", action="store_true", help="progress bars during the stages")
     p.add_argument(
@@ -47,6 +52,11 @@ def recipe_from_args(args):
         if args.processes < 1:
             raise ValueError(f"--processes must be at least 1, got {args.processes}")
         recipe.processes = args.processes
+    for pair in getattr(args, "recipe_settings", None) or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes KEY=VALUE, got {pair!r}")
+        recipe.set(key.strip(), value.strip())
     return recipe
 
 

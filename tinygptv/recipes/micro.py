@@ -79,23 +79,17 @@ class MicroRecipe:
     """Images of the shapes world (80 % train, 5 % val, 5 % test, 10 % compositional)."""
     vocab_size: int = 1024
     """Largest tokenizer (the micro LM's embedding rows)."""
+    template_tokens: bool = False
+    """One token for each template marker and task tag (:func:`~tinygptv.recipes.world_tokenizer.
+    template_tokens`): stage-4 turns a third shorter. Off in the shipped build (see the README)."""
     lm_documents: int = 20000
     """Texts of the world drawn for the tokenizer and the language-model pretraining."""
     lm: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=1200,
-            batch_size=16,
-            lr=3e-3,
-            min_lr=3e-4,
-            warmup_steps=30,
-            seq_len=224,
-            drill_fraction=0.8,
-            drill_short_prompts=True,
-            drill_full_names=True,
+            steps=1200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30, drill_fraction=0.8
         )
     )
-    """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills, asked in
-    the first phrasing of each task so that a drill fits a row)."""
+    """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
             steps=700, batch_size=32, lr=4e-3, min_lr=1e-4, warmup_steps=30, object_weight=1.0
@@ -109,6 +103,34 @@ class MicroRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def set(self, key: str, value: str) -> None:
+        """Set one setting from text: ``steps`` of the recipe, ``lm.lr`` of a pretraining loop; the
+        value is read as YAML (``true``, ``1e-3``, ``null``) and must have the setting's type."""
+        import yaml
+
+        *parents, leaf = key.split(".")
+        node: Any = self
+        for part in parents:
+            if not dataclasses.is_dataclass(getattr(node, part, None)):
+                raise ValueError(f"unknown recipe setting {key!r}")
+            node = getattr(node, part)
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if leaf not in fields or dataclasses.is_dataclass(getattr(node, leaf)):
+            raise ValueError(f"unknown recipe setting {key!r}")
+        current, parsed = getattr(node, leaf), yaml.safe_load(value)
+        try:
+            if isinstance(current, bool):
+                if not isinstance(parsed, bool):
+                    raise ValueError
+            elif isinstance(current, int) and not (fields[leaf].type == "int | None" and parsed is None):
+                if isinstance(parsed, bool) or not isinstance(parsed, int):
+                    raise ValueError
+            elif isinstance(current, float):
+                parsed = float(value)
+        except ValueError:
+            raise ValueError(f"recipe setting {key!r} takes a {type(current).__name__}, got {value!r}") from None
+        setattr(node, leaf, parsed)
 
 
 def default_configs_dir() -> Path:
@@ -194,7 +216,7 @@ def build_tokenizer(out: Path, documents, recipe: MicroRecipe):
 
     from .pretrain import document_texts
 
-    tokenizer = train_world_tokenizer(document_texts(documents), recipe.vocab_size)
+    tokenizer = train_world_tokenizer(document_texts(documents), recipe.vocab_size, recipe.template_tokens)
     tokenizer.save_pretrained(out / "tokenizer")
     return tokenizer
 

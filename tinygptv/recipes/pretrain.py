@@ -14,8 +14,11 @@ own, on the shapes world, before the four TinyGPT-V stages:
    as a real LLM has read countless descriptions of scenes. Most rows of each batch are *scene
    drills* (:func:`drill_document`): a fresh text-only scene drawn by the world's own generator,
    followed by a dozen stage-4 questions about it (``[vqa]``, ``[refer]``, ``[identify]``), so
-   that looking a scene up, not remembering the training images, is what lowers the loss. The box
-   coordinates' embeddings start as a code of their value (:func:`init_coordinate_embeddings`).
+   that looking a scene up, not remembering the training images, is what lowers the loss. In the
+   options, drills ask in each task's first phrasing (a drill then fits a row) and answer
+   ``[identify]`` with the object's full name, and the output head runs at the answers only
+   (:class:`TargetPositionsLoss`). The box coordinates' embeddings start as a code of their value
+   (:func:`init_coordinate_embeddings`).
    Like Phi-2 it is trained *without*
    TinyGPT-V's QK norm and post-attention RMSNorm: those are TinyGPT-V's additions, put on top of
    the pretrained LM at their identity-like init when the base model is assembled, exactly as the
@@ -91,6 +94,9 @@ class PretrainSettings:
     """Vision only: every step's images are new scenes drawn by the world's generator (the training
     split's rules: no held-out colour-shape pair) and rendered on the fly, as drills are for the
     language model, instead of the training split's few thousand images seen again and again."""
+    head_at_targets_only: bool = False
+    """Language model only: apply the output head at the target positions alone
+    (:class:`TargetPositionsLoss`; the same loss, less compute, not the same bits)."""
     drill_full_names: bool = False
     """Language model only: a drill's ``[identify]`` answers name the object by size, colour and shape
     wherever that picks it out alone (:func:`drill_document`), instead of the world's shortest phrase."""
@@ -409,7 +415,7 @@ def pretrain_language_model(
     order = torch.empty(0, dtype=torch.long)
     drills = round(settings.batch_size * settings.drill_fraction)
     rank, world_size = process_group()
-    model = _distributed(TargetPositionsLoss(lm))
+    model = _distributed(TargetPositionsLoss(lm) if settings.head_at_targets_only else _CausalLMLoss(lm))
     lm.train()
 
     def step_loss(step: int) -> torch.Tensor:
@@ -427,6 +433,17 @@ def pretrain_language_model(
 
     params = [p for p in lm.parameters() if p.requires_grad]
     return _fit(step_loss, params, settings, "language model", log if rank == 0 else None)
+
+
+class _CausalLMLoss(nn.Module):
+    """The causal LM's own loss (transformers computes it over every position's logits)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, labels=labels).loss
 
 
 class TargetPositionsLoss(nn.Module):

@@ -12,9 +12,9 @@ merges letters with punctuation, though, so two kinds of strings are added as wh
 * every box coordinate as boxes are written, ``<0>`` ... ``<100>`` (:func:`coordinate_tokens`),
   so that a box reads ``{`` ``<12>`` ``<40>`` ``<33>`` ``<61>`` ``}`` and copying a box out of a
   scene is copying four tokens verbatim (plain integers 0-100, the counts, are single tokens too);
-* the templates' markers and the task identifiers (:func:`template_tokens`: ``[INST]``,
-  `` [/INST]``, ``<Img>``, ``###``, `` [vqa]``, ...), which every stage-4 turn repeats: nine
-  tokens of each turn become three. Texts are split at
+* optionally (``template_markers``), the templates' markers and the task identifiers
+  (:func:`template_tokens`: ``[INST]``, `` [/INST]``, ``<Img>``, ``###``, `` [vqa]``, ...), which
+  every stage-4 turn repeats: nine tokens of each turn become three. Texts are split at
 ``<ImageHere>`` before training, as :func:`tinygptv.data.encoding.encode_chunks` tokenises the
 pieces around an image separately.
 
@@ -63,23 +63,25 @@ def tokenizer_training_texts(chunks: Iterable[str]) -> Iterator[str]:
         yield "".join(f"{{<{k}><{k}><{k}><{k}>}}" for k in range(SCALE + 1))
 
 
-def train_world_tokenizer(chunks: Iterable[str], vocab_size: int = 1024):
+def train_world_tokenizer(chunks: Iterable[str], vocab_size: int = 1024, template_markers: bool = False):
     """A ``PreTrainedTokenizerFast`` trained on ``chunks`` (the world's text chunks, as templates
-    write them), with at most ``vocab_size`` tokens. Deterministic for the same texts."""
+    write them), with at most ``vocab_size`` tokens; ``template_markers`` adds :func:`template_tokens`.
+    Deterministic for the same texts."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    added = [*coordinate_tokens(), *(template_tokens() if template_markers else ())]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(coordinate_tokens()) - len(template_tokens()),
+        vocab_size=vocab_size - len(added),
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(tokenizer_training_texts(chunks), trainer)
-    tok.add_tokens([AddedToken(text, normalized=False) for text in (*coordinate_tokens(), *template_tokens())])
+    tok.add_tokens([AddedToken(text, normalized=False) for text in added])
     bos = SPECIAL_TOKENS[1]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
