@@ -119,11 +119,14 @@ class MicroRecipe:
         if leaf not in fields or dataclasses.is_dataclass(getattr(node, leaf)):
             raise ValueError(f"unknown recipe setting {key!r}")
         current, parsed = getattr(node, leaf), yaml.safe_load(value)
+        optional = "None" in str(fields[leaf].type)
         try:
-            if isinstance(current, bool):
+            if parsed is None and optional:
+                pass
+            elif isinstance(current, bool):
                 if not isinstance(parsed, bool):
                     raise ValueError
-            elif isinstance(current, int) and not (fields[leaf].type == "int | None" and parsed is None):
+            elif isinstance(current, int):
                 if isinstance(parsed, bool) or not isinstance(parsed, int):
                     raise ValueError
             elif isinstance(current, float):

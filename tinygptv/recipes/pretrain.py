@@ -313,9 +313,9 @@ def drill_document(
         if phrase is not None:
             box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
             turns.append(("refer", instruction("refer", phrasing, phrase), box))
-            name = f"the {obj.describe()}"
-            unique = sum(o.describe() == obj.describe() for o in scene.objects) == 1
-            turns.append(("identify", instruction("identify", phrasing, box), name if full_names and unique else phrase))
+            if full_names and sum(o.describe() == obj.describe() for o in scene.objects) == 1:
+                phrase = f"the {obj.describe()}"
+            turns.append(("identify", instruction("identify", phrasing, box), phrase))
     rng.shuffle(turns)
     template = template_for_stage(4)
     chunks: list[tuple[str, bool]] = []
@@ -693,14 +693,15 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
       images during its own pretraining.
 
     Returns the per-step losses."""
-    import random
-
     import json
+    import random
 
     cfg = model.config.vision
     grid = cfg.image_size // cfg.patch_size
-    held_out = [tuple(pair) for pair in json.loads((Path(root) / "shapes.json").read_text())["held_out_pairs"]]
     bank = ImageBank(root, "train")
+    held_out = []  # the pairs fresh images must not show
+    if settings.fresh_images:
+        held_out = [tuple(pair) for pair in json.loads((Path(root) / "shapes.json").read_text())["held_out_pairs"]]
     tokenizer = model.tokenizer
     embeddings = model.language_model.get_input_embeddings().weight.detach()
     heads = VisionHeads(cfg.hidden_size, model.config.qformer.hidden_size, embeddings.shape[1], settings.object_weight)
