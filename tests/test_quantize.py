@@ -88,7 +88,10 @@ def test_quantization_error_is_small_relative_to_weights(cls, bound):
     assert rel < bound
     x = torch.randn(4, 256)
     out_rel = (q(x) - layer(x)).norm() / layer(x).norm()
-    assert out_rel < bound
+    # fbgemm rounds int8 activations to 7 bits on CPUs without VNNI: twice the activation error
+    from tinygptv.quantize import _needs_reduced_range
+
+    assert out_rel < bound * (2 if cls is Int8Linear and _needs_reduced_range() else 1)
 
 
 def test_int4_codes_round_trip_through_nibbles():
