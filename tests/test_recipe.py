@@ -403,3 +403,33 @@ def test_recipe_settings_are_set_from_text_with_their_types():
     for key, value in [("lm.steps", "many"), ("lm.drill_short_prompts", "1"), ("vision.steps", "2.5")]:
         with pytest.raises(ValueError, match="takes a"):
             recipe.set(key, value)
+
+
+def test_set_matching_scores_the_object_groups_against_their_cheapest_assignment():
+    from tinygptv.recipes.pretrain import GROUP, SCENE_OBJECTS, VisionHeads
+
+    tokenizer = _tokenizer()
+    truth = torch.tensor([scene_tokens(reading_order(_scene()), tokenizer, range(SCENE_OBJECTS))])
+    embeddings = torch.randn(len(tokenizer), 8, generator=torch.Generator().manual_seed(0))
+    width, start = len(GROUP), 3
+    # the queries write the scene with its groups moved: query group q holds true group order[q]
+    order = [2, 0, 3, 1]
+    written = truth.clone()
+    for q, t in enumerate(order):
+        written[:, start + q * width : start + (q + 1) * width] = truth[:, start + t * width : start + (t + 1) * width]
+    heads = VisionHeads(16, 16, 8, set_matching=True)
+    plain = VisionHeads(16, 16, 8)
+    queries = torch.randn(1, SCENE_LENGTH, 16)
+    mapped = embeddings[written]
+    assert torch.equal(VisionHeads.match(mapped @ embeddings.T * 20, mapped, truth, embeddings), written)
+    assert torch.equal(VisionHeads.match(embeddings[truth] @ embeddings.T * 20, embeddings[truth], truth, embeddings), truth)
+    # the background, the end token and each group's contents are kept; only groups move
+    plain.load_state_dict(heads.state_dict())
+    matched = VisionHeads.match(heads.to_lm(queries) @ embeddings.T, heads.to_lm(queries), truth, embeddings)
+    assert torch.equal(matched[:, :start], truth[:, :start]) and matched[0, -1] == truth[0, -1]
+    groups = lambda ids: sorted(ids[0, start : start + SCENE_OBJECTS * width].view(SCENE_OBJECTS, width).tolist())
+    assert groups(matched) == groups(truth)
+    # the set loss is the plain loss against the matched targets, and no more than the reading-order loss
+    set_loss = heads.token_loss(queries, truth, embeddings)
+    assert torch.allclose(set_loss, plain.token_loss(queries, matched, embeddings))
+    assert set_loss <= plain.token_loss(queries, truth, embeddings) + 1e-6

@@ -90,6 +90,11 @@ class PretrainSettings:
     drill_questions: int = 6
     """Language model only: ``[vqa]`` questions per drill (its ``[refer]`` / ``[identify]`` pairs
     come on top, one each per object that a phrase picks out)."""
+    set_matching: bool = False
+    """Vision only: the Q-Former's object groups are matched to the scene's objects as a set (each
+    image's cheapest of the 24 ways to put its objects and empty groups in the four groups, as DETR
+    matches its queries), instead of in reading order. The language model reads the groups in any
+    order, so no query has to work out which object is the k-th from the left."""
     fresh_images: bool = False
     """Vision only: every step's images are new scenes drawn by the world's generator (the training
     split's rules: no held-out colour-shape pair) and rendered on the fly, as drills are for the
@@ -634,10 +639,14 @@ class VisionHeads(nn.Module):
     * ``to_lm``: a linear map of each Q-Former output into the language model's embedding space,
       scored against the frozen LM's input embeddings (the BLIP-2 projection's role)."""
 
-    def __init__(self, vision_width: int, qformer_width: int, lm_width: int, object_weight: float = 0.0):
+    def __init__(
+        self, vision_width: int, qformer_width: int, lm_width: int, object_weight: float = 0.0, set_matching: bool = False
+    ):
         super().__init__()
         self.object_weight = object_weight
         """Weight of a second dense cross-entropy over the object patches only (0: none)."""
+        self.set_matching = set_matching
+        """Score the object groups against the best assignment of the scene's objects (:meth:`match`)."""
         self.dense = nn.Linear(vision_width, sum(n + 1 for n in PATCH_LABELS.values()) + 4)
         self.scene = nn.Linear(vision_width, 8)
         self.to_lm = nn.Linear(qformer_width, lm_width)
@@ -667,7 +676,34 @@ class VisionHeads(nn.Module):
         space against every embedding, plus its squared distance to the token's embedding."""
         mapped = self.to_lm(queries)  # (N, Q, C)
         logits = mapped @ embeddings.T
+        if self.set_matching:
+            ids = self.match(logits.detach(), mapped.detach(), ids, embeddings)
         return F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + F.mse_loss(mapped, embeddings[ids])
+
+    @staticmethod
+    def match(logits: torch.Tensor, mapped: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """``ids`` (N, Q) with each image's object groups reordered to the assignment of groups to
+        query groups that costs the least (the token loss: cross-entropy plus squared distance,
+        summed over a group's tokens). Every assignment is tried: 4 groups make 24."""
+        import itertools
+
+        start, width = SCENE_LENGTH - 1 - SCENE_OBJECTS * len(GROUP), len(GROUP)
+        span = slice(start, start + SCENE_OBJECTS * width)
+        out_logits = logits[:, span].unflatten(1, (SCENE_OBJECTS, width))  # (N, G, W, V): query groups
+        out_mapped = mapped[:, span].unflatten(1, (SCENE_OBJECTS, width))  # (N, G, W, C)
+        groups = ids[:, span].unflatten(1, (SCENE_OBJECTS, width))  # (N, G, W): target groups
+        log_probs = out_logits.log_softmax(-1)
+        # cost[n, q, t]: query group q written as target group t
+        index = groups[:, None].expand(-1, SCENE_OBJECTS, -1, -1)  # (N, Gq, Gt, W)
+        nll = -log_probs.gather(-1, index.transpose(2, 3)).sum(2)  # (N, Gq, Gt)
+        wanted = embeddings[groups]  # (N, Gt, W, C)
+        distance = ((out_mapped[:, :, None] - wanted[:, None]) ** 2).mean(-1).sum(-1)  # (N, Gq, Gt)
+        cost = nll + distance
+        orders = torch.tensor(list(itertools.permutations(range(SCENE_OBJECTS))))  # (P, G)
+        totals = cost[:, torch.arange(SCENE_OBJECTS), orders].sum(-1)  # (N, P)
+        best = orders[totals.argmin(-1)]  # (N, G): target group of each query group
+        matched = groups.gather(1, best[..., None].expand(-1, -1, width))
+        return torch.cat([ids[:, :start], matched.flatten(1), ids[:, span.stop :]], dim=1)
 
 
 class _VisionPretraining(nn.Module):
@@ -704,7 +740,9 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         held_out = [tuple(pair) for pair in json.loads((Path(root) / "shapes.json").read_text())["held_out_pairs"]]
     tokenizer = model.tokenizer
     embeddings = model.language_model.get_input_embeddings().weight.detach()
-    heads = VisionHeads(cfg.hidden_size, model.config.qformer.hidden_size, embeddings.shape[1], settings.object_weight)
+    heads = VisionHeads(
+        cfg.hidden_size, model.config.qformer.hidden_size, embeddings.shape[1], settings.object_weight, settings.set_matching
+    )
     init_sincos_positions(model.vision)
     targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
     identity = list(range(SCENE_OBJECTS))
