@@ -329,7 +329,8 @@ def test_fresh_vision_images_are_new_scenes_drawn_by_the_world_rules(tmp_path):
     assert torch.allclose(normalize_pixels(pixels[:1])[0], expected, atol=1e-5)
 
 
-def test_vision_pretraining_on_fresh_images_trains_and_repeats(toy_run):
+@pytest.mark.parametrize("set_matching", [False, True])
+def test_vision_pretraining_on_fresh_images_trains_and_repeats(toy_run, set_matching):
     import dataclasses
 
     from tinygptv.config import get_preset
@@ -340,7 +341,7 @@ def test_vision_pretraining_on_fresh_images_trains_and_repeats(toy_run):
 
     out, _ = toy_run
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, fresh_images=True)
+    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, fresh_images=True, set_matching=set_matching)
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
