@@ -44,6 +44,19 @@ def compare(new: dict[str, str], shipped: dict[str, str]) -> list[str]:
     return problems
 
 
+def _differences(ran: dict, default: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the settings where a run's recipe differs from the default one (a setting
+    newer than the run's code is not in its report: it ran as that setting's default)."""
+    names = []
+    for key in sorted(set(ran)):
+        a, b = ran.get(key), default.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            names += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            names.append(f"{prefix}{key}={a!r} (default {b!r})")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=None, help="folder for the recipe run (default: a temporary folder)")
@@ -66,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         ran = (recipe["seed"], recipe["threads"], recipe.get("processes", 1))
         if ran != (args.seed, args.threads, args.processes):
             print(f"{work} ran with seed / threads / processes {ran}, not {(args.seed, args.threads, args.processes)}", file=sys.stderr)
+            return 1
+        default = MicroRecipe(seed=args.seed, threads=args.threads, processes=args.processes).to_dict()
+        changed = sorted(_differences(recipe, default))
+        if changed:
+            print(f"{work} did not run the default recipe (the built-in model must be what the script rebuilds): "
+                  f"{', '.join(changed)}", file=sys.stderr)
             return 1
     else:
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tinygptv-micro-"))
