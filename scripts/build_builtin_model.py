@@ -49,7 +49,7 @@ def _differences(ran: dict, default: dict, prefix: str = "") -> list[str]:
     newer than the run's code is not in its report: it ran as that setting's default)."""
     names = []
     for key in sorted(set(ran)):
-        a, b = ran.get(key), default.get(key)
+        a, b = ran[key], default.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             names += _differences(a, b, f"{prefix}{key}.")
         elif a != b:

@@ -48,3 +48,24 @@ def test_from_pretrained_quantizes_the_language_model(mode, layer, builtin):
 def test_from_pretrained_rejects_an_unknown_quantization():
     with pytest.raises(ValueError, match="unknown quantization"):
         TinyGPTV.from_pretrained(quantize="int3")
+
+
+def test_build_script_installs_only_a_run_of_the_default_recipe(tmp_path, capsys):
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from tinygptv.recipes.micro import MicroRecipe
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "build_builtin_model.py"
+    spec = importlib.util.spec_from_file_location("build_builtin_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    recipe = MicroRecipe()
+    recipe.vision = dataclasses.replace(recipe.vision, fresh_images=True)
+    record = recipe.to_dict()
+    del record["lm"]["set_matching"]  # a setting newer than the run's code: it ran as its default
+    (tmp_path / "report.json").write_text(json.dumps({"recipe": record}))
+    assert script.main(["--from-run", str(tmp_path), "--install"]) == 1
+    assert "vision.fresh_images=True (default False)" in capsys.readouterr().err
+    assert script._differences(MicroRecipe().to_dict(), MicroRecipe().to_dict()) == []
