@@ -37,6 +37,12 @@ class VisionConfig:
     """Epsilon of every LayerNorm in the ViT and of ``ln_vision``."""
     qkv_bias: bool = True
     """EVA-ViT-g has q and v biases (k has none; loaders write zeros there)."""
+    conv_stem: tuple[int, ...] = ()
+    """Channels of stride-2 3x3 convolutions (each followed by a GroupNorm and a GELU) that replace
+    the linear patch embedding's input, as in hybrid ViTs (Xiao et al. 2021, "Early convolutions
+    help transformers see better"); a ``patch / 2**len`` convolution then makes the tokens. Empty:
+    EVA-ViT-g's plain linear patch embedding. Only for models trained from scratch (no pretrained
+    ViT has one); ``patch_size`` must be divisible by ``2**len(conv_stem)``."""
 
     @property
     def num_patches(self) -> int:
@@ -217,6 +223,8 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         sub = _NESTED.get((cls.__name__, name))
         if sub is not None:
             kwargs[name] = _from_dict(sub, value, f"{where}.{name}")
+        elif name == "conv_stem":
+            kwargs[name] = tuple(value)
         elif name == "target_modules" and value is not None:
             kwargs[name] = tuple(value)
         else:

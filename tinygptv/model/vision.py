@@ -3,6 +3,7 @@
 transformers' ``Blip2VisionModel`` is EVA-ViT-g exactly (width 1408, depth 39, MLP 6144, patch 14,
 q/v bias, LayerNorm eps 1e-6, no pooling), and its ``post_layernorm`` is applied to every token,
 which is what BLIP-2's separate ``ln_vision`` does. So we use it as is and only translate our config.
+A model trained from scratch may put a convolutional stem in front (:class:`ConvStem`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,38 @@ def hf_vision_config(cfg: VisionConfig, initializer_range: float = 0.02) -> Blip
     )
 
 
+class ConvStem(torch.nn.Module):
+    """A hybrid ViT's patch embedding: stride-2 3x3 convolutions (GroupNorm with one group, GELU),
+    then a convolution of kernel and stride ``patch / 2**len(channels)`` to the ViT's width, so the
+    token grid is the plain patch embedding's. GroupNorm, not BatchNorm: no running statistics,
+    and an image's tokens do not depend on the rest of its batch."""
+
+    def __init__(self, channels: tuple[int, ...], width: int, patch_size: int):
+        super().__init__()
+        stride = 2 ** len(channels)
+        if not channels or patch_size % stride:
+            raise ValueError(f"conv_stem {channels}: patch_size {patch_size} is not divisible by 2**{len(channels)}")
+        layers: list[torch.nn.Module] = []
+        previous = 3
+        for count in channels:
+            layers += [
+                torch.nn.Conv2d(previous, count, 3, stride=2, padding=1),
+                torch.nn.GroupNorm(1, count),
+                torch.nn.GELU(),
+            ]
+            previous = count
+        self.layers = torch.nn.Sequential(*layers)
+        self.proj = torch.nn.Conv2d(previous, width, patch_size // stride, stride=patch_size // stride)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # transformers' embeddings read the patch embedding's weight for the input dtype
+        return self.proj.weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.layers(pixel_values))
+
+
 class VisionEncoder(torch.nn.Module):
     """EVA-ViT-g + ln_vision: (N, 3, H, W) pixels -> (N, 1 + H/p * W/p, width) features."""
 
@@ -36,6 +69,8 @@ class VisionEncoder(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = Blip2VisionModel(hf_vision_config(cfg, initializer_range))
+        if cfg.conv_stem:
+            self.model.embeddings.patch_embedding = ConvStem(tuple(cfg.conv_stem), cfg.hidden_size, cfg.patch_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # The position table is built for cfg.image_size; another square size is interpolated

@@ -96,6 +96,11 @@ class MicroRecipe:
         )
     )
     """Vision encoder + Q-Former pretraining."""
+    conv_stem: bool = False
+    """Give the micro ViT a convolutional stem (:data:`CONV_STEM` channels,
+    :class:`~tinygptv.model.vision.ConvStem`) instead of the linear patch embedding: a hybrid ViT,
+    which learns the shapes' outlines far sooner (README). A deviation from EVA-ViT-g's design,
+    for a ViT trained from scratch only."""
     eval_limit: int | None = 200
     """Questions per task and split scored after each stage (``None``: all)."""
     eval_batch_size: int = 32
@@ -193,6 +198,28 @@ class _Phase:
 # =============================================================================================
 
 
+CONV_STEM = (24, 48, 96, 128)
+"""Channels of the micro ViT's convolutional stem when ``MicroRecipe.conv_stem`` is on: four stride-2
+convolutions, so a 1x1 convolution makes the 16-px patch grid's tokens."""
+_STEM_KEY = "vision.model.embeddings.patch_embedding.layers.{}.weight"
+
+
+def micro_config(recipe: MicroRecipe):
+    """The micro preset as ``recipe`` builds it."""
+    from ..config import get_preset
+
+    config = get_preset(PRESET)
+    return config.replace(**{"vision.conv_stem": CONV_STEM}) if recipe.conv_stem else config
+
+
+def stem_channels(vision_state: dict[str, Any]) -> tuple[int, ...]:
+    """The convolutional stem's channels a pretrained vision state holds (empty: none)."""
+    channels = []
+    while _STEM_KEY.format(3 * len(channels)) in vision_state:
+        channels.append(int(vision_state[_STEM_KEY.format(3 * len(channels))].shape[0]))
+    return tuple(channels)
+
+
 def plain_language_config(recipe_config):
     """The micro LM as pretrained: the preset's Phi without TinyGPT-V's two added norms."""
     return dataclasses.replace(recipe_config.language, qk_norm=False, post_attention_rmsnorm=False)
@@ -251,12 +278,11 @@ def build_vision_phase(out: Path, world: Path, tokenizer, lm_state, recipe: Micr
     import torch
     from safetensors.torch import save_file
 
-    from ..config import get_preset
     from ..model.tinygptv import TinyGPTV
     from .pretrain import pretrain_vision
 
     torch.manual_seed(recipe.seed + 1)
-    model = TinyGPTV(pretrain_config(get_preset(PRESET)), tokenizer=tokenizer)
+    model = TinyGPTV(pretrain_config(micro_config(recipe)), tokenizer=tokenizer)
     model.language_model.load_state_dict(lm_state)
     losses = pretrain_vision(model, world, recipe.vision, recipe.seed, log)
     state = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
@@ -272,14 +298,16 @@ def assemble_base(tokenizer, lm_state, vision_state, seed: int, overrides: dict[
     """The TinyGPT-V micro model before stage 1: the pretrained LM, ViT and Q-Former, with
     TinyGPT-V's added norms at their initial values (QK LayerNorms 1/0, RMSNorms 1), a new LoRA
     (B = 0) and fresh projections, all drawn from ``seed``. ``overrides`` are dotted config
-    overrides (the ablations remove modules this way)."""
+    overrides (the ablations remove modules this way). A convolutional stem in ``vision_state``
+    goes into the config (:func:`stem_channels`)."""
     import torch
 
     from ..config import get_preset
     from ..model.tinygptv import TinyGPTV
     from ..model.weights import model_keys, parameter_kind
 
-    config = get_preset(PRESET).replace(**(overrides or {}))
+    stem = {"vision.conv_stem": stem_channels(vision_state)} if stem_channels(vision_state) else {}
+    config = get_preset(PRESET).replace(**stem, **(overrides or {}))
     torch.manual_seed(seed)
     model = TinyGPTV(config, tokenizer=tokenizer)
     pretrained = {f"language_model.{k}": v for k, v in lm_state.items()}
@@ -685,6 +713,8 @@ __all__ = [
     "EVAL_TASKS",
     "MicroRecipe",
     "assemble_base",
+    "micro_config",
+    "stem_channels",
     "default_configs_dir",
     "evaluate",
     "format_accuracy",
