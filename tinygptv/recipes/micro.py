@@ -356,6 +356,8 @@ def stage_config(
     config = load_train_config(path, [*paths, *overrides])
     if config.stage != number:
         raise ValueError(f"{path} declares stage {config.stage}, expected {number}")
+    if recipe.conv_stem:  # the base holds a stem the preset does not have
+        config.model_overrides = {**config.model_overrides, "vision.conv_stem": CONV_STEM}
     if model_overrides:
         config.model_overrides = {**config.model_overrides, **model_overrides}
     return config
