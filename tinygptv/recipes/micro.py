@@ -99,7 +99,8 @@ class MicroRecipe:
     conv_stem: bool = False
     """Give the micro ViT a convolutional stem (:data:`CONV_STEM` channels,
     :class:`~tinygptv.model.vision.ConvStem`) instead of the linear patch embedding: a hybrid ViT,
-    which learns the shapes' outlines far sooner (README). A deviation from EVA-ViT-g's design,
+    which learned shape far sooner in probes (per object patch after 300 steps: 36 % against 25 %;
+    not yet measured in a whole run). A deviation from EVA-ViT-g's design,
     for a ViT trained from scratch only."""
     eval_limit: int | None = 200
     """Questions per task and split scored after each stage (``None``: all)."""
