@@ -78,3 +78,18 @@ def test_micro_recipe_switch_and_state_inference():
     state = {f"vision.{k}": v for k, v in encoder.state_dict().items()}
     assert stem_channels(state) == CONV_STEM
     assert stem_channels({k: v for k, v in state.items() if "layers" not in k}) == ()
+
+
+def test_stage_configs_take_the_stem_from_the_base_not_the_recipe_flag(tmp_path):
+    """An ablation reuses a stem run's base with the default recipe: its stages must still build the stem."""
+    from pathlib import Path
+
+    from tinygptv.recipes.micro import MicroRecipe, stage_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "micro"
+    torch.manual_seed(0)
+    for stem in ((8,), ()):
+        config = get_preset("tinygptv-tiny").replace(**{"vision.conv_stem": stem})
+        base = TinyGPTV(config, tokenizer=word_tokenizer()).save_pretrained(tmp_path / f"base{len(stem)}")
+        stage = stage_config(configs, 1, tmp_path / "run", tmp_path / "world", Path(base), MicroRecipe())
+        assert stage.model_overrides.get("vision.conv_stem", ()) == stem

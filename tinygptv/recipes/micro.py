@@ -357,11 +357,25 @@ def stage_config(
     config = load_train_config(path, [*paths, *overrides])
     if config.stage != number:
         raise ValueError(f"{path} declares stage {config.stage}, expected {number}")
-    if recipe.conv_stem:  # the base holds a stem the preset does not have
-        config.model_overrides = {**config.model_overrides, "vision.conv_stem": CONV_STEM}
+    stem = base_conv_stem(base)
+    if stem:  # the base holds a stem the preset does not have; the base decides, not the recipe flag
+        config.model_overrides = {**config.model_overrides, "vision.conv_stem": stem}
     if model_overrides:
         config.model_overrides = {**config.model_overrides, **model_overrides}
     return config
+
+
+def base_conv_stem(base: Path) -> tuple[int, ...]:
+    """The convolutional stem of the assembled base in ``base`` (its ``config.json``), ``()`` if it has
+    none or no base is there yet. Reading it from the base keeps ablations of a stem run (which reuse
+    its base with the default recipe flags) building the architecture the weights hold."""
+    path = Path(base) / "config.json"
+    if not path.is_file():
+        return ()
+    import json
+
+    stem = json.loads(path.read_text()).get("config", {}).get("vision", {}).get("conv_stem") or ()
+    return tuple(int(c) for c in stem)
 
 
 def final_loss(run_dir: Path, last: int = 10) -> float:
