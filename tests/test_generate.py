@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tinygptv.model.language import cache_argument
 from tinygptv.generate import SamplingParams, StopChecker, new_cache, next_token, stream_tokens
 from tinygptv.model.tinygptv import TinyGPTV
 from tinygptv.testing import word_tokenizer
@@ -34,9 +35,25 @@ def test_continuing_a_cache_equals_running_from_scratch(model):
     assert cache.get_seq_length() == first.shape[1]
     with torch.no_grad():
         pos = torch.arange(first.shape[1], first.shape[1] + second.shape[1])[None]
-        cont = model.lm(inputs_embeds=second, past_key_values=cache, use_cache=True, position_ids=pos).logits
+        cont = model.lm(inputs_embeds=second, use_cache=True, position_ids=pos, **cache_argument(model.lm, cache)).logits
         full = model.lm(inputs_embeds=torch.cat([first, second], 1)).logits[:, first.shape[1]:]
     assert (cont - full).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["phi", "llama"])
+def test_cached_greedy_equals_uncached_recomputation_for_each_backbone(arch):
+    """The KV cache reaches our own decoder layers under whatever name transformers passes it."""
+    from tinygptv.config import get_preset
+
+    torch.manual_seed(0)
+    m = TinyGPTV(get_preset("tinygptv-tiny").replace(**{"language.arch": arch}), tokenizer=word_tokenizer()).eval()
+    ids, embeds = _embeds(m, "what color is the large circle on the left ?")
+    cached = list(stream_tokens(m.lm, embeds, new_cache(m.lm), SamplingParams(max_new_tokens=10), eos_token_ids=[]))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(10):
+            seq = torch.cat([seq, m.lm(input_ids=seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert cached == seq[0, ids.shape[1] :].tolist()
 
 
 def test_top_k_and_top_p_keep_only_the_head_of_the_distribution():

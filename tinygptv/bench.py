@@ -204,7 +204,7 @@ def last_token_logits(preset: str, mode: str, text_tokens: int = 40, seed: int =
     ids[0, 1 : 1 + q] = IMAGE_TOKEN_ID
     with torch.inference_mode():
         embeds = model.embed(ids, model.encode_images(pixels))
-        return model.lm(inputs_embeds=embeds).logits[0, -1].float()
+        return model.lm(inputs_embeds=embeds, use_cache=False).logits[0, -1].float()
 
 
 def _time_stream(lm, embeds, new_tokens: int, encode_s: float) -> dict:

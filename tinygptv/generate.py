@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from .model.language import cache_argument
 
 
 @dataclass
@@ -127,7 +128,8 @@ def stream_tokens(
     generator = torch.Generator(device=inputs_embeds.device).manual_seed(params.seed) if params.seed is not None else None
     start = cache.get_seq_length()
     positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-    logits = lm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True, position_ids=positions).logits
+    cache_arg = cache_argument(lm, cache)
+    logits = lm(inputs_embeds=inputs_embeds, use_cache=True, position_ids=positions, **cache_arg).logits
     eos = set(int(e) for e in eos_token_ids)
     for step in range(params.max_new_tokens):
         token = next_token(logits[:, -1], params, generator)
@@ -138,7 +140,7 @@ def stream_tokens(
         if step + 1 == params.max_new_tokens:
             return
         pos = torch.tensor([[cache.get_seq_length()]], device=inputs_embeds.device)
-        logits = lm(input_ids=token[:, None], past_key_values=cache, use_cache=True, position_ids=pos).logits
+        logits = lm(input_ids=token[:, None], use_cache=True, position_ids=pos, **cache_arg).logits
 
 
 def new_cache(lm) -> DynamicCache:

@@ -107,7 +107,7 @@ class IconQA(PerItemBenchmark):
         image_embeds = model.encode_images(torch.stack(pixels).to(device))  # (B, Q, C)
         counts = torch.tensor([len(item.meta["choices"]) for item in items], device=device)
         embeds = model.embed(batch["input_ids"].to(device), image_embeds.repeat_interleave(counts, dim=0))
-        logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device), use_cache=False).logits
         _, per_row = causal_lm_loss(logits, batch["labels"].to(device))
         results = []
         for k, item in enumerate(items):

@@ -48,6 +48,28 @@ from ..config import LanguageConfig
 # ---------------------------------------------------------------------------------------------
 
 
+CACHE_NAMES = ("cache", "past_key_values")
+"""What transformers calls the KV cache argument: ``past_key_values`` up to 5.23, ``cache`` from 5.24
+(the old name deprecated, to go in 5.40). Our layers accept either."""
+
+
+def kwargs_cache(kwargs: dict):
+    """Pop the KV cache out of a layer's keyword arguments, under whichever name it came."""
+    found = [kwargs.pop(name) for name in CACHE_NAMES if name in kwargs]
+    found = [c for c in found if c is not None]
+    return found[0] if found else None
+
+
+def cache_argument(lm: nn.Module, cache) -> dict:
+    """``{name: cache}`` for calling ``lm`` (a transformers causal LM) with a KV cache, under the
+    name its ``forward`` takes."""
+    import inspect
+
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # a peft wrapper takes **kwargs
+    params = inspect.signature(type(base).forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
 class TinyGPTVPhiConfig(PhiConfig):
     """PhiConfig plus TinyGPT-V's post-attention RMSNorm switch (QK norm is Phi's own ``qk_layernorm``)."""
 
@@ -72,18 +94,18 @@ class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        # The KV cache arrives in ``kwargs`` under the name this transformers version uses
+        # (``past_key_values``, or ``cache`` from 5.24 on) and goes on to the attention unchanged.
         residual = hidden_states  # (B, T, C)
         normed = self.input_layernorm(hidden_states)
         attn_out, _ = self.self_attn(
             hidden_states=normed,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -150,7 +172,8 @@ class TinyGPTVLlamaAttention(LlamaAttention):
             self.q_layernorm = nn.LayerNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_layernorm = nn.LayerNorm(self.head_dim, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+        cache = kwargs_cache(kwargs)
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, H, T, D)
@@ -161,8 +184,8 @@ class TinyGPTVLlamaAttention(LlamaAttention):
             key = self.k_layernorm(key)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(
             self,
@@ -192,14 +215,13 @@ class TinyGPTVLlamaDecoderLayer(LlamaDecoderLayer):
             LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if config.post_attention_rmsnorm else None
         )
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, use_cache=False,
+                position_embeddings=None, **kwargs):
         residual = hidden_states  # (B, T, C)
-        attn_out, _ = self.self_attn(
+        attn_out, _ = self.self_attn(  # the KV cache travels in kwargs, as in the Phi layer
             hidden_states=self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,

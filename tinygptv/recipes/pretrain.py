@@ -449,7 +449,7 @@ class _CausalLMLoss(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, labels=labels).loss
+        return self.lm(input_ids=input_ids, labels=labels, use_cache=False).loss  # no KV cache in training
 
 
 class TargetPositionsLoss(nn.Module):
@@ -463,7 +463,7 @@ class TargetPositionsLoss(nn.Module):
         self.lm = lm
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.get_decoder()(input_ids=input_ids).last_hidden_state  # (N, T, C)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (N, T, C)
         targets = labels[:, 1:]
         kept = targets != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][kept])  # (targets, V)
