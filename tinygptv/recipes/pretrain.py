@@ -509,9 +509,15 @@ def _distributed(module: nn.Module) -> nn.Module:
     the group in backward), else ``module`` itself."""
     if process_group()[1] == 1:
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, broadcast_buffers=False)
+    # every process builds the same buffers from the same seed: no broadcast of them before each forward
+    # (torch 2.13 renamed the switch; the old name still works there, with a deprecation warning)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    name = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DistributedDataParallel(module, **{name: False})
 
 
 # =============================================================================================
