@@ -434,3 +434,38 @@ def test_set_matching_scores_the_object_groups_against_their_cheapest_assignment
     set_loss = heads.token_loss(queries, truth, embeddings)
     assert torch.allclose(set_loss, plain.token_loss(queries, matched, embeddings))
     assert set_loss <= plain.token_loss(queries, truth, embeddings) + 1e-6
+
+
+def test_a_resumed_recipe_skips_finished_phases_and_writes_the_same_model(toy_run, tmp_path):
+    import json
+    import shutil
+
+    done, _ = toy_run
+    out = tmp_path / "killed"
+    shutil.copytree(done, out)
+    # as if killed during stage 3: its checkpoints are there, its weights and everything after are not
+    report = json.loads((out / "report.json").read_text())
+    for name in ("stage 3", "eval 3", "stage 4", "eval 4", "package"):
+        del report["phases"][name]
+    for key in ("stages", "accuracy"):
+        report[key] = {k: v for k, v in report[key].items() if k in ("1", "2")}
+    del report["total_wall_s"]
+    (out / "report.json").write_text(json.dumps(report))
+    (out / "stage3" / "trainable.safetensors").unlink()
+    shutil.rmtree(out / "stage4")
+    shutil.rmtree(out / "model")
+
+    with pytest.raises(ValueError, match="--resume"):
+        run_micro_recipe(out, toy_recipe(), stage_overrides=TOY_STAGES, log=lambda m: None)
+    with pytest.raises(ValueError, match="seed"):
+        run_micro_recipe(out, toy_recipe(seed=1), stage_overrides=TOY_STAGES, log=lambda m: None, resume=True)
+    logged: list[str] = []
+    resumed = run_micro_recipe(out, toy_recipe(), stage_overrides=TOY_STAGES, log=logged.append, resume=True)
+    started = [m for m in logged if m.startswith("== ") and " done in " not in m]
+    assert [m.split(" (")[0] for m in started] == ["== stage 3", "== eval 3", "== stage 4", "== eval 4", "== package"]
+    assert resumed["resumed"] == 1 and set(resumed["accuracy"]) == {"1", "2", "3", "4"}
+
+    def hashes(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    assert hashes(out / "model") == hashes(done / "model")

@@ -17,7 +17,7 @@ def register(subparsers) -> None:
         "machine with the same --threads and --processes.",
     )
     p.add_argument("name", choices=["micro"], help="the recipe")
-    p.add_argument("--out", required=True, help="output folder (must not hold an earlier run)")
+    p.add_argument("--out", required=True, help="output folder (must not hold an earlier run, unless --resume)")
     p.add_argument("--seed", type=int, default=None, help="seed of everything (default 0)")
     p.add_argument("--configs", default=None, help="folder of the stage configs (default: configs/micro of the source tree)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1; results repeat only for the same count)")
@@ -29,6 +29,11 @@ def register(subparsers) -> None:
         "--set", dest="recipe_settings", action="append", default=[], metavar="KEY=VALUE",
         help="a setting of the recipe itself (MicroRecipe; dotted for the pretraining loops), repeatable: "
         "--set lm.steps=1500 --set lm.drill_short_prompts=true --set template_tokens=true",
+    )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue a run that stopped in --out: finished phases are loaded, a cut-short stage continues from its "
+        "last checkpoint (same recipe settings required; the model is the one an uninterrupted run writes)",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
     p.add_argument("--progress", action="store_true", help="progress bars during the stages")
@@ -72,5 +77,6 @@ def run(args) -> int:
         evaluate_stages=not args.no_eval,
         progress=args.progress,
         log=print,
+        resume=args.resume,
     )
     return 0

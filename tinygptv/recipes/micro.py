@@ -155,10 +155,17 @@ def default_configs_dir() -> Path:
 class Report:
     """What the recipe measured, written to ``report.json`` after every phase."""
 
-    def __init__(self, out: Path, recipe: MicroRecipe, enabled: bool = True):
+    def __init__(self, out: Path, recipe: MicroRecipe, enabled: bool = True, resume: bool = False):
         self.enabled = enabled
         self.path = out / "report.json"
         self.data: dict[str, Any] = {"recipe": recipe.to_dict(), "phases": {}, "stages": {}, "accuracy": {}}
+        if resume and self.path.is_file():
+            self.data = json.loads(self.path.read_text())
+            self.data["resumed"] = self.data.get("resumed", 0) + 1
+
+    def done(self, name: str) -> bool:
+        """Whether phase ``name`` finished in an earlier process of this run (``--resume``)."""
+        return name in self.data["phases"]
 
     def phase(self, name: str, log: Logger):
         return _Phase(self, name, log)
@@ -420,8 +427,15 @@ def run_micro_recipe(
     evaluate_stages: bool = True,
     progress: bool = False,
     log: Logger = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every phase into ``out`` (which must not hold an earlier run) and return the report.
+
+    ``resume=True`` continues a run that stopped (killed, crashed) in ``out``: the phases its
+    ``report.json`` records as finished are loaded from their files instead of rerun, a stage that was
+    cut short continues from its last checkpoint (the trainer's own resume), and the rest runs as
+    before. The recipe must be the one the run was started with. Since every phase is seeded on its
+    own, the finished model is the one an uninterrupted run writes.
 
     ``stage_overrides`` are ``key=value`` settings applied to every stage config (tests shorten the
     stages this way); ``evaluate_stages=False`` skips the evaluations. With ``recipe.processes``
@@ -432,9 +446,11 @@ def run_micro_recipe(
     out = Path(out)
     configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
     if (out / "report.json").exists():
-        raise ValueError(f"{out} already holds a recipe run (report.json); choose another --out")
+        if not resume:
+            raise ValueError(f"{out} already holds a recipe run (report.json); choose another --out, or --resume it")
+        check_resumable(out, recipe)
     out.mkdir(parents=True, exist_ok=True)
-    args = (out, recipe, configs_dir, tuple(stage_overrides), evaluate_stages, progress, log)
+    args = (out, recipe, configs_dir, tuple(stage_overrides), evaluate_stages, progress, log, resume)
     if recipe.processes > 1:
         import torch.multiprocessing as mp
 
@@ -487,7 +503,16 @@ def _quiet(message: str) -> None:
     """The log of every process but the first."""
 
 
-def _run_recipe(out, recipe, configs_dir, stage_overrides, evaluate_stages, progress, log) -> dict[str, Any]:
+def check_resumable(out: Path, recipe: MicroRecipe) -> None:
+    """Refuse to resume ``out`` with a recipe other than the one its run started with."""
+    ran = json.loads((out / "report.json").read_text()).get("recipe", {})
+    wanted = recipe.to_dict()
+    diffs = [f"{k}: {ran.get(k)!r} (run) vs {wanted[k]!r} (now)" for k in wanted if ran.get(k, wanted[k]) != wanted[k]]
+    if diffs:
+        raise ValueError(f"{out} was started with another recipe ({'; '.join(diffs)}); resume it with the same settings")
+
+
+def _run_recipe(out, recipe, configs_dir, stage_overrides, evaluate_stages, progress, log, resume=False) -> dict[str, Any]:
     import torch
 
     from ..train import train
@@ -496,46 +521,65 @@ def _run_recipe(out, recipe, configs_dir, stage_overrides, evaluate_stages, prog
     log = log if main else _quiet
     torch.set_num_threads(recipe.threads)
     torch.use_deterministic_algorithms(True)
-    report = Report(out, recipe, enabled=main)
+    report = Report(out, recipe, enabled=main, resume=resume)
     report.data["processes"] = recipe.processes
     overrides = [f"progress={str(progress and main).lower()}", *stage_overrides]
     start = time.perf_counter()
+    world, base = out / "world", out / "base"
+    if resume and report.data["phases"]:
+        log(f"resuming {out}: done before: {', '.join(report.data['phases'])}")
 
-    with report.phase("world", log):
-        if main:
-            make_world(out, recipe)
-        _barrier()
-        world = out / "world"
-    with report.phase("tokenizer", log):
-        from transformers import PreTrainedTokenizerFast
+    if not report.done("world"):
+        with report.phase("world", log):
+            if main:
+                make_world(out, recipe)
+            _barrier()
+    from transformers import PreTrainedTokenizerFast
 
-        from .pretrain import world_documents
+    from .pretrain import world_documents
 
-        documents = world_documents(world, recipe.lm_documents, recipe.seed)
-        if main:
-            build_tokenizer(out, documents, recipe)
-        _barrier()
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
-        report.data["tokenizer"] = {"tokens": len(tokenizer)}
-    with report.phase("language model", log):
-        lm = build_language_model_phase(out, tokenizer, documents, recipe, log)
-        report.data["pretrain_loss"] = {"language model": _tail_mean(lm["losses"])}
-    with report.phase("vision", log):
-        vision = build_vision_phase(out, world, tokenizer, lm["state"], recipe, log)
-        report.data["pretrain_loss"]["vision"] = _tail_mean(vision["losses"])
-    with report.phase("base", log):
-        base = out / "base"
-        if main:
-            assemble_base(tokenizer, lm["state"], vision["state"], recipe.seed).save_pretrained(base)
-        _barrier()
+    documents = None
+    if not report.done("tokenizer"):
+        with report.phase("tokenizer", log):
+            documents = world_documents(world, recipe.lm_documents, recipe.seed)
+            if main:
+                build_tokenizer(out, documents, recipe)
+            _barrier()
+            report.data["tokenizer"] = {"tokens": len(PreTrainedTokenizerFast.from_pretrained(out / "tokenizer"))}
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    if report.done("language model"):
+        lm = {"state": _load_state(out / "lm")}
+    else:
+        with report.phase("language model", log):
+            if documents is None:
+                documents = world_documents(world, recipe.lm_documents, recipe.seed)
+            lm = build_language_model_phase(out, tokenizer, documents, recipe, log)
+            report.data["pretrain_loss"] = {"language model": _tail_mean(lm["losses"])}
+    if report.done("vision"):
+        vision = {"state": _load_state(out / "vision")}
+    else:
+        with report.phase("vision", log):
+            vision = build_vision_phase(out, world, tokenizer, lm["state"], recipe, log)
+            report.data["pretrain_loss"]["vision"] = _tail_mean(vision["losses"])
+    if not report.done("base"):
+        with report.phase("base", log):
+            if main:
+                assemble_base(tokenizer, lm["state"], vision["state"], recipe.seed).save_pretrained(base)
+            _barrier()
+
+    from ..train import is_finished
 
     for number in STAGE_NUMBERS:
-        with report.phase(f"stage {number}", log):
-            run_dir = train(stage_config(configs_dir, number, out, world, base, recipe, overrides))
-            _barrier()
-            if main:
-                report.data["stages"][str(number)] = {"final_loss": round(final_loss(run_dir), 4)}
-        if evaluate_stages:
+        run_dir = out / f"stage{number}"
+        if not report.done(f"stage {number}"):
+            with report.phase(f"stage {number}", log):
+                config = stage_config(configs_dir, number, out, world, base, recipe, overrides)
+                if not (resume and is_finished(run_dir)):  # a stage that finished before its report was written
+                    train(config, resume=resume and (run_dir / "checkpoints").is_dir())
+                _barrier()
+                if main:
+                    report.data["stages"][str(number)] = {"final_loss": round(final_loss(run_dir), 4)}
+        if evaluate_stages and not report.done(f"eval {number}"):
             with report.phase(f"eval {number}", log):
                 if main:
                     accuracy = evaluate(stage_model(base, run_dir), world, recipe, recipe.eval_limit)
@@ -548,11 +592,23 @@ def _run_recipe(out, recipe, configs_dir, stage_overrides, evaluate_stages, prog
             package(base, out / "stage4", out / "model")
         _barrier()
     report.data["total_wall_s"] = round(time.perf_counter() - start, 1)
+    if report.data.get("resumed"):  # this process saw only part of the run: add up the phases instead
+        report.data["total_wall_s"] = round(sum(p["wall_s"] for p in report.data["phases"].values()), 1)
     report.save()
     if main:
         (out / "report.md").write_text(format_report(report.data) + "\n")
         log(format_report(report.data))
     return report.data
+
+
+def _load_state(folder: Path) -> dict[str, Any]:
+    """The tensors a pretraining phase saved in ``folder/model.safetensors`` (read into memory)."""
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the report says its phase finished; rerun into a new --out")
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
 
 
 def package(base: Path, run_dir: Path, target: Path) -> Path:
