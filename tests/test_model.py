@@ -341,3 +341,21 @@ def test_no_targets_is_an_error_not_a_nan(tiny_model):
 def test_all_stages_known():
     assert [s.number for s in STAGES.values()] == [1, 2, 3, 4]
     assert STAGES[4].image_size == 448 and not STAGES[1].train_lora
+
+
+def test_qformer_cross_attentions_need_the_eager_attention():
+    from tinygptv.config import get_preset
+    from tinygptv.model.qformer import QFormer
+
+    cfg = get_preset("tinygptv-tiny").qformer
+    qformer = QFormer(cfg, encoder_hidden_size=32).eval()
+    features = torch.randn(2, 5, 32)
+    qformer.model.set_attn_implementation("sdpa")
+    with pytest.raises(RuntimeError, match="eager"):
+        qformer(features, output_cross_attentions=True)
+    plain = qformer(features)
+    qformer.model.set_attn_implementation("eager")
+    out, attentions = qformer(features, output_cross_attentions=True)
+    assert torch.allclose(out, plain, atol=1e-5)
+    assert len(attentions) >= 1 and attentions[0].shape == (2, cfg.num_heads, cfg.num_query_tokens, 5)
+    assert torch.allclose(attentions[0].sum(-1), torch.ones(()), atol=1e-5)

@@ -469,3 +469,48 @@ def test_a_resumed_recipe_skips_finished_phases_and_writes_the_same_model(toy_ru
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
     assert hashes(out / "model") == hashes(done / "model")
+
+
+def test_attention_loss_rewards_looking_at_the_objects_patches():
+    from tinygptv.recipes.pretrain import GROUP, SCENE_OBJECTS, VisionHeads
+
+    scene = _scene()
+    grid, patch = 14, 16
+    targets = [DenseTargets(scene, grid, patch)]
+    rank = targets[0].labels[:, list(PATCH_LABELS).index("rank")]
+    start = SCENE_LENGTH - 1 - SCENE_OBJECTS * len(GROUP)
+    uniform = torch.full((1, 2, SCENE_LENGTH, 1 + grid * grid), 1.0 / (1 + grid * grid))
+    aimed = uniform.clone()
+    for k in range(len(scene.objects)):  # group k's queries look at object k's patches only
+        on = torch.cat([torch.zeros(1, dtype=torch.bool), rank == k]).float()
+        aimed[0, :, start + k * len(GROUP) : start + (k + 1) * len(GROUP)] = on / on.sum()
+    swapped = aimed.clone()  # each group looking at the other object
+    swapped[0, :, start : start + len(GROUP)] = aimed[0, :, start + len(GROUP) : start + 2 * len(GROUP)]
+    swapped[0, :, start + len(GROUP) : start + 2 * len(GROUP)] = aimed[0, :, start : start + len(GROUP)]
+    loss = {name: VisionHeads.attention_loss(a, targets).item() for name, a in
+            {"aimed": aimed, "uniform": uniform, "swapped": swapped}.items()}
+    patches = [int((rank == k).sum()) for k in range(2)]
+    assert loss["aimed"] == pytest.approx(sum(torch.log(torch.tensor(patches, dtype=torch.float))).item() / 2, abs=1e-4)
+    assert loss["aimed"] < loss["uniform"] < loss["swapped"]
+
+
+def test_vision_pretraining_with_the_attention_loss_trains_and_leaves_the_attention_kind(toy_run):
+    import dataclasses
+
+    from tinygptv.config import get_preset
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.recipes.micro import pretrain_config
+    from tinygptv.recipes.pretrain import pretrain_vision
+    from transformers import PreTrainedTokenizerFast
+
+    out, _ = toy_run
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    torch.manual_seed(0)
+    model = TinyGPTV(pretrain_config(get_preset("tinygptv-micro")), tokenizer=tokenizer)
+    kind = model.qformer.model.config._attn_implementation
+    before = model.qformer.query_tokens.detach().clone()
+    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, attention_weight=1.0)
+    losses = pretrain_vision(model, out / "world", settings, seed=0)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(before, model.qformer.query_tokens)
+    assert model.qformer.model.config._attn_implementation == kind

@@ -39,12 +39,23 @@ class QFormer(nn.Module):
         nn.init.normal_(self.query_tokens, std=initializer_range)
         self.model = Blip2QFormerModel(hf_qformer_config(cfg, encoder_hidden_size, initializer_range))
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_features: torch.Tensor, output_cross_attentions: bool = False):
+        """Query outputs (N, Q, D); with ``output_cross_attentions``, also each cross-attention layer's
+        weights over the image features, (N, heads, Q, P) per layer (needs the ``eager`` attention:
+        ``self.model.set_attn_implementation("eager")``)."""
         queries = self.query_tokens.expand(image_features.shape[0], -1, -1)  # (N, Q, D)
         image_mask = torch.ones(image_features.shape[:-1], dtype=torch.long, device=image_features.device)
         out = self.model(
             query_embeds=queries,
             encoder_hidden_states=image_features,
             encoder_attention_mask=image_mask,
+            output_attentions=output_cross_attentions,
         )
-        return out.last_hidden_state  # (N, Q, D)
+        if not output_cross_attentions:
+            return out.last_hidden_state  # (N, Q, D)
+        if not out.cross_attentions:
+            raise RuntimeError(
+                f"the Q-Former's {self.model.config._attn_implementation!r} attention returns no weights; "
+                "call qformer.model.set_attn_implementation('eager') first"
+            )
+        return out.last_hidden_state, tuple(out.cross_attentions)

@@ -100,6 +100,12 @@ class PretrainSettings:
     """Vision only: every step's images are new scenes drawn by the world's generator (the training
     split's rules: no held-out colour-shape pair) and rendered on the fly, as drills are for the
     language model, instead of the training split's few thousand images seen again and again."""
+    attention_weight: float = 0.0
+    """Vision only: weight of a loss on where the Q-Former looks: in its first cross-attention layer
+    (heads averaged), the queries that write object ``k``'s tokens should spread their attention over
+    that object's patches (cross-entropy against a uniform distribution over them; objects absent
+    from the scene add nothing). The token loss alone has to discover where each object is; this
+    says it directly, as the dense targets do for the ViT."""
     head_at_targets_only: bool = False
     """Language model only: apply the output head at the target positions alone
     (:class:`TargetPositionsLoss`; the same loss, less compute, not the same bits)."""
@@ -647,9 +653,17 @@ class VisionHeads(nn.Module):
       scored against the frozen LM's input embeddings (the BLIP-2 projection's role)."""
 
     def __init__(
-        self, vision_width: int, qformer_width: int, lm_width: int, object_weight: float = 0.0, set_matching: bool = False
+        self,
+        vision_width: int,
+        qformer_width: int,
+        lm_width: int,
+        object_weight: float = 0.0,
+        set_matching: bool = False,
+        attention_weight: float = 0.0,
     ):
         super().__init__()
+        self.attention_weight = attention_weight
+        """Weight of :meth:`attention_loss` (0: none)."""
         self.object_weight = object_weight
         """Weight of a second dense cross-entropy over the object patches only (0: none)."""
         self.set_matching = set_matching
@@ -677,6 +691,23 @@ class VisionHeads(nn.Module):
         scene = self.scene(hidden[:, 0])
         scene_labels = torch.stack([t.scene_labels for t in targets])
         return loss + F.cross_entropy(scene[:, :4], scene_labels[:, 0]) + F.cross_entropy(scene[:, 4:], scene_labels[:, 1])
+
+    @staticmethod
+    def attention_loss(attention: torch.Tensor, targets: Sequence[DenseTargets]) -> torch.Tensor:
+        """``attention`` (N, heads, Q, 1 + P): one cross-attention layer's weights over the class
+        token and the P patches. The queries of object group ``k`` (:func:`scene_tokens`' layout)
+        should spread their attention over the patches of the ``k``-th object in reading order: the
+        cross-entropy of the heads' mean against the uniform distribution over those patches, averaged
+        over the groups that have an object."""
+        start = SCENE_LENGTH - 1 - SCENE_OBJECTS * len(GROUP)
+        rank = torch.stack([t.labels[:, list(PATCH_LABELS).index("rank")] for t in targets])  # (N, P)
+        wanted = torch.stack([rank == k for k in range(SCENE_OBJECTS)], dim=1).float()  # (N, G, P)
+        present = wanted.sum(-1) > 0  # (N, G)
+        wanted = wanted / wanted.sum(-1, keepdim=True).clamp(min=1)
+        looked = attention.mean(1)[:, start : start + SCENE_OBJECTS * len(GROUP), 1:]  # patches only
+        looked = looked.unflatten(1, (SCENE_OBJECTS, len(GROUP)))  # (N, G, W, P)
+        cross_entropy = -(wanted[:, :, None] * torch.log(looked + 1e-8)).sum(-1).mean(-1)  # (N, G)
+        return (cross_entropy * present).sum() / present.sum().clamp(min=1)
 
     def token_loss(self, queries: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """Query ``k`` must become token ``ids[:, k]``: cross-entropy of its image in the LM's
@@ -722,7 +753,13 @@ class _VisionPretraining(nn.Module):
 
     def forward(self, pixels: torch.Tensor, dense: Sequence[DenseTargets], ids: torch.Tensor, embeddings: torch.Tensor):
         hidden = self.vision(pixels)
-        return self.heads.dense_loss(hidden, dense) + self.heads.token_loss(self.qformer(hidden), ids, embeddings)
+        loss = self.heads.dense_loss(hidden, dense)
+        if self.heads.attention_weight:
+            queries, attentions = self.qformer(hidden, output_cross_attentions=True)
+            loss = loss + self.heads.attention_weight * self.heads.attention_loss(attentions[0], dense)
+        else:
+            queries = self.qformer(hidden)
+        return loss + self.heads.token_loss(queries, ids, embeddings)
 
 
 def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: int, log: Logger | None = None) -> list[float]:
@@ -748,8 +785,16 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     tokenizer = model.tokenizer
     embeddings = model.language_model.get_input_embeddings().weight.detach()
     heads = VisionHeads(
-        cfg.hidden_size, model.config.qformer.hidden_size, embeddings.shape[1], settings.object_weight, settings.set_matching
+        cfg.hidden_size,
+        model.config.qformer.hidden_size,
+        embeddings.shape[1],
+        settings.object_weight,
+        settings.set_matching,
+        settings.attention_weight,
     )
+    attention_kind = model.qformer.model.config._attn_implementation
+    if settings.attention_weight:
+        model.qformer.model.set_attn_implementation("eager")  # the one that returns attention weights
     init_sincos_positions(model.vision)
     targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
     identity = list(range(SCENE_OBJECTS))
@@ -780,7 +825,10 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         return trained(bank.normalized(mine), [targets[i] for i in mine], ids[mine], embeddings)
 
     params = [*model.vision.parameters(), *model.qformer.parameters(), *heads.parameters()]
-    losses = _fit(step_loss, params, settings, "vision", log if rank == 0 else None)
+    try:
+        losses = _fit(step_loss, params, settings, "vision", log if rank == 0 else None)
+    finally:
+        model.qformer.model.set_attn_implementation(attention_kind)
     model.requires_grad_(False)
     model.eval()
     return losses
