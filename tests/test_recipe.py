@@ -514,3 +514,18 @@ def test_vision_pretraining_with_the_attention_loss_trains_and_leaves_the_attent
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(before, model.qformer.query_tokens)
     assert model.qformer.model.config._attn_implementation == kind
+
+
+def test_resume_treats_settings_newer_than_the_run_as_their_defaults(tmp_path):
+    import json
+
+    from tinygptv.recipes.micro import check_resumable
+
+    recipe = toy_recipe()
+    ran = recipe.to_dict()
+    del ran["vision"]["attention_weight"]  # a run from before the setting existed
+    (tmp_path / "report.json").write_text(json.dumps({"recipe": ran}))
+    check_resumable(tmp_path, recipe)
+    recipe.set("vision.attention_weight", "1.0")
+    with pytest.raises(ValueError, match=r"vision.attention_weight: 0.0 \(run\) vs 1.0 \(now\)"):
+        check_resumable(tmp_path, recipe)

@@ -505,9 +505,17 @@ def _quiet(message: str) -> None:
 
 def check_resumable(out: Path, recipe: MicroRecipe) -> None:
     """Refuse to resume ``out`` with a recipe other than the one its run started with."""
-    ran = json.loads((out / "report.json").read_text()).get("recipe", {})
-    wanted = recipe.to_dict()
-    diffs = [f"{k}: {ran.get(k)!r} (run) vs {wanted[k]!r} (now)" for k in wanted if ran.get(k, wanted[k]) != wanted[k]]
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    ran = flat(json.loads((out / "report.json").read_text()).get("recipe", {}))
+    wanted = flat(json.loads(json.dumps(recipe.to_dict())))  # as JSON has it (tuples are lists)
+    default = flat(json.loads(json.dumps(MicroRecipe().to_dict())))
+    # a setting newer than the run's code is missing from its report: the run had its default
+    diffs = [f"{k}: {ran.get(k, default[k])!r} (run) vs {v!r} (now)" for k, v in wanted.items() if ran.get(k, default[k]) != v]
     if diffs:
         raise ValueError(f"{out} was started with another recipe ({'; '.join(diffs)}); resume it with the same settings")
 
