@@ -70,6 +70,7 @@ def test_micro_recipe_switch_and_state_inference():
     from tinygptv.recipes.micro import CONV_STEM, MicroRecipe, micro_config, stem_channels
 
     recipe = MicroRecipe()
+    recipe.set("conv_stem", "false")
     assert micro_config(recipe).vision.conv_stem == ()
     recipe.set("conv_stem", "true")
     config = micro_config(recipe)

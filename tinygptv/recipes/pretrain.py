@@ -105,7 +105,9 @@ class PretrainSettings:
     (heads averaged), the queries that write object ``k``'s tokens should spread their attention over
     that object's patches (cross-entropy against a uniform distribution over them; objects absent
     from the scene add nothing). The token loss alone has to discover where each object is; this
-    says it directly, as the dense targets do for the ViT."""
+    says it directly, as the dense targets do for the ViT. On in the micro recipe (1.0): with it the
+    whole model's test-split ``[identify]`` accuracy went from 13.6 to 22.0 % and ``[refer]`` from
+    8.5 to 10.5 % (README)."""
     head_at_targets_only: bool = False
     """Language model only: apply the output head at the target positions alone
     (:class:`TargetPositionsLoss`; the same loss, less compute, not the same bits)."""
