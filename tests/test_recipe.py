@@ -521,11 +521,12 @@ def test_resume_treats_settings_newer_than_the_run_as_their_defaults(tmp_path):
 
     from tinygptv.recipes.micro import check_resumable
 
-    recipe = toy_recipe()
+    recipe = MicroRecipe()
+    default = recipe.vision.attention_weight
     ran = recipe.to_dict()
-    del ran["vision"]["attention_weight"]  # a run from before the setting existed
+    del ran["vision"]["attention_weight"]  # a run from before the setting existed: it ran as the default
     (tmp_path / "report.json").write_text(json.dumps({"recipe": ran}))
     check_resumable(tmp_path, recipe)
-    recipe.set("vision.attention_weight", "1.0")
-    with pytest.raises(ValueError, match=r"vision.attention_weight: 0.0 \(run\) vs 1.0 \(now\)"):
+    recipe.set("vision.attention_weight", str(default + 0.5))
+    with pytest.raises(ValueError, match=rf"vision.attention_weight: {default} \(run\) vs {default + 0.5} \(now\)"):
         check_resumable(tmp_path, recipe)
