@@ -453,7 +453,7 @@ def build_model(config: TrainConfig, stage: Stage, dtype: torch.dtype = torch.fl
 
 def check_same_architecture(loaded: TinyGPTVConfig, wanted: TinyGPTVConfig, source: str) -> None:
     """Refuse base weights built for another architecture or image size than the run's."""
-    a, b = _flatten(loaded.to_dict()), _flatten(wanted.to_dict())
+    a, b = flatten_dotted(loaded.to_dict()), flatten_dotted(wanted.to_dict())
     diffs = [
         f"{k}: {a[k]!r} (weights) vs {b.get(k)!r} (run)"
         for k in a
@@ -466,10 +466,11 @@ def check_same_architecture(loaded: TinyGPTVConfig, wanted: TinyGPTVConfig, sour
         )
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level with dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        out.update(flatten_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
     return out
 
 

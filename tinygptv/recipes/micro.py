@@ -506,11 +506,7 @@ def _quiet(message: str) -> None:
 
 def check_resumable(out: Path, recipe: MicroRecipe) -> None:
     """Refuse to resume ``out`` with a recipe other than the one its run started with."""
-    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
+    from ..train import flatten_dotted as flat
 
     ran = flat(json.loads((out / "report.json").read_text()).get("recipe", {}))
     wanted = flat(json.loads(json.dumps(recipe.to_dict())))  # as JSON has it (tuples are lists)
