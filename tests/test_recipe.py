@@ -494,7 +494,7 @@ def test_attention_loss_rewards_looking_at_the_objects_patches():
     assert loss["aimed"] < loss["uniform"] < loss["swapped"]
 
 
-def test_vision_pretraining_with_the_attention_loss_trains_and_leaves_the_attention_kind(toy_run):
+def test_vision_pretraining_with_the_attention_loss_and_soft_coordinates_trains_and_leaves_the_attention_kind(toy_run):
     import dataclasses
 
     from tinygptv.config import get_preset
@@ -509,7 +509,7 @@ def test_vision_pretraining_with_the_attention_loss_trains_and_leaves_the_attent
     model = TinyGPTV(pretrain_config(get_preset("tinygptv-micro")), tokenizer=tokenizer)
     kind = model.qformer.model.config._attn_implementation
     before = model.qformer.query_tokens.detach().clone()
-    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, attention_weight=1.0)
+    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, attention_weight=1.0, coordinate_sigma=1.0)
     losses = pretrain_vision(model, out / "world", settings, seed=0)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(before, model.qformer.query_tokens)
@@ -530,3 +530,76 @@ def test_resume_treats_settings_newer_than_the_run_as_their_defaults(tmp_path):
     recipe.set("vision.attention_weight", str(default + 0.5))
     with pytest.raises(ValueError, match=rf"vision.attention_weight: {default} \(run\) vs {default + 0.5} \(now\)"):
         check_resumable(tmp_path, recipe)
+
+
+def test_coordinate_soft_targets_spread_over_neighbouring_values_and_favour_near_misses():
+    from tinygptv.recipes.pretrain import VisionHeads, coordinate_token_ids
+
+    tokenizer = _tokenizer()
+    coords = coordinate_token_ids(tokenizer)
+    vocab = len(tokenizer)
+    word = tokenizer(" red", add_special_tokens=False)["input_ids"][0]
+    heads = VisionHeads(16, 16, 8, coordinate_ids=coords, coordinate_sigma=1.5)
+    wanted = heads.targets(torch.tensor([coords[40], word, coords[0]]), vocab)
+    assert wanted.shape == (3, vocab)
+    assert torch.allclose(wanted.sum(-1), torch.ones(3))
+    assert torch.equal(wanted[1], torch.nn.functional.one_hot(torch.tensor(word), vocab).float())
+    near = wanted[0, coords]  # the distribution over the values 0..100
+    assert near.argmax() == 40 and near[39] == pytest.approx(near[41].item()) and near[38] < near[39] < near[40]
+    assert near[30].item() < 1e-6 and wanted[0].sum() == pytest.approx(near.sum().item())
+    assert wanted[2, coords].argmax() == 0 and wanted[2, coords[3]] > 0  # the edge keeps its mass
+    # a query that writes the neighbouring value costs less than one far off; one-hot scores them alike
+    logits = torch.full((2, vocab), -5.0)
+    logits[0, coords[41]] = logits[1, coords[80]] = 5.0
+    truth = torch.tensor([coords[40], coords[40]])
+    soft = torch.nn.functional.cross_entropy(logits, heads.targets(truth, vocab), reduction="none")
+    hard = torch.nn.functional.cross_entropy(logits, VisionHeads(16, 16, 8).targets(truth, vocab), reduction="none")
+    assert soft[0] < soft[1] - 1.0 and hard[0] == pytest.approx(hard[1].item())
+
+
+@pytest.mark.parametrize("head_at_targets_only", [False, True])
+def test_isolated_drill_turns_score_each_question_as_a_prompt_of_its_own(head_at_targets_only):
+    """A drill row of isolated turns gives every answer token the same loss as the one-question
+    prompt alone (scene, question, answer; positions from 0), and no turn sees another."""
+    from tinygptv.config import get_preset
+    from tinygptv.data.shapes import held_out_pairs
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import TargetPositionsLoss, _CausalLMLoss, segment_mask
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    torch.manual_seed(0)
+    lm = build_language_model(plain_language_config(get_preset("tinygptv-micro")), 0.02).eval()
+    assert len(tokenizer) <= lm.config.vocab_size
+    tokens, labels, positions, segments = drill_document(tokenizer, 3, 0, held_out, short_prompts=True, isolated_turns=True)
+    chained, _ = drill_document(tokenizer, 3, 0, held_out, short_prompts=True)
+    turns = max(segments)
+    assert turns == tokenizer.decode(chained).count("[/INST]") > 3  # the same questions as the conversation
+    assert segments[0] == 0 and segments == sorted(segments) and labels[: segments.index(1)] == [-100] * segments.index(1)
+    shared = segments.index(1)
+    assert tokenizer.decode(tokens[:shared]).count("<Img>") == 1 and "[/INST]" not in tokenizer.decode(tokens[:shared])
+    ids, target = torch.tensor([tokens]), torch.tensor([labels])
+    loss_module = TargetPositionsLoss(lm) if head_at_targets_only else _CausalLMLoss(lm)
+    mask = segment_mask(torch.tensor([segments]))
+    with torch.no_grad():
+        logits = lm(input_ids=ids, attention_mask=mask, position_ids=torch.tensor([positions])).logits[0]
+        row_loss = loss_module(ids, target, mask, torch.tensor([positions]))
+    text = tokenizer.decode(tokens)
+    losses = []
+    for k in range(1, turns + 1):
+        at = [i for i, s in enumerate(segments) if s == k]
+        # the same turn as a prompt of its own: the shared beginning, then this turn's tokens
+        alone = torch.tensor([tokens[:shared] + [tokens[i] for i in at]])
+        assert [positions[i] for i in at] == list(range(shared, shared + len(at)))
+        with torch.no_grad():
+            reference = lm(input_ids=alone).logits[0, shared:]
+        assert torch.allclose(logits[at], reference, atol=1e-5), k
+        for i in at:
+            if i + 1 < len(labels) and labels[i + 1] != -100 and segments[i + 1] == k:
+                losses.append(torch.nn.functional.cross_entropy(logits[i], torch.tensor(labels[i + 1])))
+    # the loss averages exactly the answer tokens of every turn, each predicted inside its own turn
+    assert len(losses) == sum(1 for l in labels if l != -100)
+    assert row_loss.item() == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
+    # the row writes the scene and "[INST]" once, then each question and its answer
+    assert text.count("[INST]") == 1 and text.count("[/INST]") == turns

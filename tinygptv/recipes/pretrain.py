@@ -108,6 +108,20 @@ class PretrainSettings:
     says it directly, as the dense targets do for the ViT. On in the micro recipe (1.0): with it the
     whole model's test-split ``[identify]`` accuracy went from 13.6 to 22.0 % and ``[refer]`` from
     8.5 to 10.5 % (README)."""
+    coordinate_sigma: float = 0.0
+    """Vision only: where a query must become a box coordinate ``<v>``, its cross-entropy target is
+    spread over the neighbouring coordinates (a Gaussian over ``<0>`` ... ``<100>`` of this standard
+    deviation, in coordinate units) instead of ``<v>`` alone: a query that writes ``<v+1>`` is nearly
+    right (IoU barely moves) and the loss says so, where a one-hot target calls it as wrong as
+    ``<v+40>``. 0: one-hot."""
+    drill_isolated_turns: bool = False
+    """Language model only: each of a drill's questions sees the scene and itself alone, as a
+    one-question prompt would (:func:`drill_document`): the questions share the scene's tokens in
+    one row but attend to no other question or answer, and their positions restart after the scene.
+    In a drill read as one conversation, earlier turns give later answers away (an ``[identify]``
+    after the ``[refer]`` of the same object copies its phrase from that question; a ``[refer]``
+    phrase says which colour-shape pairs exist), so the LM is rewarded for reading the text before
+    it, not the scene, and the benchmark asks single questions about the scene."""
     head_at_targets_only: bool = False
     """Language model only: apply the output head at the target positions alone
     (:class:`TargetPositionsLoss`; the same loss, less compute, not the same bits)."""
@@ -239,14 +253,17 @@ def encode_document(tokenizer, document: Document, rng) -> tuple[list[int], list
     return splice_scene(ids, ids, scene, tokenizer, rng)
 
 
-def splice_scene(ids: Sequence[int], labels: Sequence[int], scene, tokenizer, rng) -> tuple[list[int], list[int]]:
+def splice_scene(
+    ids: Sequence[int], labels: Sequence[int], scene, tokenizer, rng, order: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
     """``ids`` / ``labels`` with each image slot replaced by the scene's tokens (groups in an order
-    drawn from ``rng``), which are never targets."""
+    drawn from ``rng``, or in ``order``), which are never targets."""
     tokens: list[int] = []
     targets: list[int] = []
     for token, label in zip(ids, labels):
         if token == IMAGE_TOKEN_ID:
-            scene_ids = scene_tokens(scene, tokenizer, rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS))
+            groups = order if order is not None else rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS)
+            scene_ids = scene_tokens(scene, tokenizer, groups)
             tokens.extend(scene_ids)
             targets.extend([IGNORE_INDEX] * len(scene_ids))
         else:
@@ -293,6 +310,7 @@ def drill_document(
     questions: int = 6,
     short_prompts: bool = False,
     full_names: bool = False,
+    isolated_turns: bool = False,
 ):
     """Scene drill ``index``: token ids and targets of one fresh scene of the world (drawn by the
     world's own generator under the training split's rules, so no held-out colour-shape pair), read
@@ -309,7 +327,14 @@ def drill_document(
     Why: in packed world documents, one image's few questions share a row with other images'
     scenes, and the 4,800 training images repeat. A drill gives each scene a dozen questions that
     must be answered by looking it up, about a scene never seen before: the LM learns to read a
-    scene, not to remember one."""
+    scene, not to remember one.
+
+    With ``isolated_turns``, every question is written as a one-question prompt of its own (the
+    scene, then the question, as the benchmark asks it), and the row holds the prompts' shared
+    beginning (through the scene) once, then each question and answer after it. Returns then also
+    each token's position and segment: 0 for the shared beginning, ``k`` for the tokens of question
+    ``k`` (1, 2, ...), which attend only to segment 0 and to their own segment (:func:`segment_mask`);
+    their positions restart where the shared beginning ends."""
     import random
 
     from ..data import shapes as world
@@ -332,6 +357,8 @@ def drill_document(
             turns.append(("identify", instruction("identify", phrasing, box), phrase))
     rng.shuffle(turns)
     template = template_for_stage(4)
+    if isolated_turns:
+        return _isolated_turns(tokenizer, scene, turns, template, rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS))
     chunks: list[tuple[str, bool]] = []
     for k, (task, user, answer) in enumerate(turns):
         chunks.append((template.user_format.format(template.first_content(user, 1 if k == 0 else 0, task)), False))
@@ -340,18 +367,67 @@ def drill_document(
     return splice_scene(encoded.input_ids, encoded.labels, scene, tokenizer, rng)
 
 
+def _isolated_turns(tokenizer, scene, turns, template, order: Sequence[int]):
+    """:func:`drill_document`'s ``isolated_turns`` layout of ``turns`` ``(task, question, answer)``."""
+    encoded = []
+    for task, user, answer in turns:
+        chunks = [(template.user_format.format(template.first_content(user, 1, task)), False)]
+        chunks.append((answer + template.end_symbol, True))
+        single = encode_chunks(tokenizer, chunks, num_image_tokens=1)
+        encoded.append(splice_scene(single.input_ids, single.labels, scene, tokenizer, None, order))
+    shared = len(encoded[0][0])  # the longest beginning every prompt shares, never into an answer
+    for ids, labels in encoded:
+        common = next((k for k, (a, b) in enumerate(zip(encoded[0][0], ids)) if a != b), min(len(ids), shared))
+        shared = min(shared, common, next(k for k, label in enumerate(labels) if label != IGNORE_INDEX))
+    tokens, targets = list(encoded[0][0][:shared]), [IGNORE_INDEX] * shared
+    positions, segments = list(range(shared)), [0] * shared
+    for k, (ids, labels) in enumerate(encoded, start=1):
+        tokens += ids[shared:]
+        targets += labels[shared:]
+        positions += range(shared, len(ids))
+        segments += [k] * (len(ids) - shared)
+    return tokens, targets, positions, segments
+
+
+def segment_mask(segments: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, T) segment ids -> the (N, 1, T, T) additive attention mask of :func:`drill_document`'s
+    ``isolated_turns`` rows: causal, and a token sees segment 0 and its own segment only (a row of
+    one segment is the plain causal mask)."""
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    seen = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])  # (N, query, key)
+    allowed = (seen & causal)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
 def drill_rows(tokenizer, indices: Sequence[int], seed: int, held_out, settings: "PretrainSettings"):
-    """Drills ``indices`` as (N, seq_len) token and target rows, cut or padded (pad: no target)."""
-    rows = torch.full((len(indices), settings.seq_len), tokenizer.pad_token_id, dtype=torch.long)
-    targets = torch.full((len(indices), settings.seq_len), IGNORE_INDEX, dtype=torch.long)
+    """Drills ``indices`` as (N, seq_len) token and target rows, cut or padded (pad: no target).
+    With ``settings.drill_isolated_turns`` also their positions and segments (padding: a segment of
+    its own, so every row of the attention mask keeps a key), else ``None`` for both."""
+    shape = (len(indices), settings.seq_len)
+    rows = torch.full(shape, tokenizer.pad_token_id, dtype=torch.long)
+    targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    isolated = settings.drill_isolated_turns
+    positions = torch.arange(settings.seq_len).repeat(len(indices), 1) if isolated else None
+    segments = torch.full(shape, -1, dtype=torch.long) if isolated else None
     for row, index in enumerate(indices):
-        tokens, labels = drill_document(
-            tokenizer, index, seed, held_out, settings.drill_questions, settings.drill_short_prompts, settings.drill_full_names
+        drill = drill_document(
+            tokenizer,
+            index,
+            seed,
+            held_out,
+            settings.drill_questions,
+            settings.drill_short_prompts,
+            settings.drill_full_names,
+            isolated,
         )
-        n = min(len(tokens), settings.seq_len)
-        rows[row, :n] = torch.tensor(tokens[:n])
-        targets[row, :n] = torch.tensor(labels[:n])
-    return rows, targets
+        n = min(len(drill[0]), settings.seq_len)
+        rows[row, :n] = torch.tensor(drill[0][:n])
+        targets[row, :n] = torch.tensor(drill[1][:n])
+        if isolated:
+            positions[row, :n] = torch.tensor(drill[2][:n])
+            segments[row, :n] = torch.tensor(drill[3][:n])
+    return rows, targets, positions, segments
 
 
 # =============================================================================================
@@ -442,8 +518,15 @@ def pretrain_language_model(
         drill_ids = [step * drills + k for k in mine if k < drills]
         packed_ids = picked[[k - drills for k in mine if k >= drills]]
         batch = [drill_rows(tokenizer, drill_ids, seed, held_out, settings)] if drill_ids else []
-        batch.append((rows[packed_ids], targets[packed_ids]))
-        return model(torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch]))
+        packed_rows = rows[packed_ids]
+        batch.append((packed_rows, targets[packed_ids], None, None))
+        input_ids, labels = torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+        if not settings.drill_isolated_turns:
+            return model(input_ids, labels)
+        plain = torch.arange(settings.seq_len).repeat(len(packed_rows), 1)  # packed rows: plain causal
+        positions = torch.cat([b[2] if b[2] is not None else plain for b in batch])
+        segments = torch.cat([b[3] if b[3] is not None else torch.zeros_like(plain) for b in batch])
+        return model(input_ids, labels, segment_mask(segments), positions)
 
     params = [p for p in lm.parameters() if p.requires_grad]
     return _fit(step_loss, params, settings, "language model", log if rank == 0 else None)
@@ -456,8 +539,10 @@ class _CausalLMLoss(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.lm(input_ids=input_ids, labels=labels, use_cache=False).loss  # no KV cache in training
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        return self.lm(  # no KV cache in training
+            input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).loss
 
 
 class TargetPositionsLoss(nn.Module):
@@ -470,12 +555,22 @@ class TargetPositionsLoss(nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.lm.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state  # (N, T, C)
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
+        decoder = self.lm.get_decoder()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (N, T, C)
         targets = labels[:, 1:]
         kept = targets != IGNORE_INDEX
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][kept])  # (targets, V)
         return F.cross_entropy(logits.float(), targets[kept])
+
+
+def coordinate_token_ids(tokenizer) -> list[int]:
+    """The token ids of the box coordinates ``<0>`` ... ``<100>``, in value order."""
+    from ..data.boxes import SCALE
+
+    return [token_id(tokenizer, f"<{k}>") for k in range(SCALE + 1)]
 
 
 def init_coordinate_embeddings(lm: nn.Module, tokenizer, shortest_period: float = 8.0, longest_period: float = 400.0) -> None:
@@ -484,12 +579,10 @@ def init_coordinate_embeddings(lm: nn.Module, tokenizer, shortest_period: float 
     alike (cosine ~0.96 for 1 apart, ~0.15 for 20 apart) instead of as unrelated random vectors.
     Whatever reads or writes coordinates (the LM copying a box, the Q-Former learning to emit one)
     then starts from "close is almost right"; the rows still train."""
-    from ..data.boxes import SCALE
-
-    rows = [tokenizer.convert_tokens_to_ids(f"<{k}>") for k in range(SCALE + 1)]
+    rows = coordinate_token_ids(tokenizer)
     embeddings = lm.get_input_embeddings().weight
     width = embeddings.shape[1]
-    value = torch.arange(SCALE + 1, dtype=torch.float32)[:, None]
+    value = torch.arange(len(rows), dtype=torch.float32)[:, None]
     periods = torch.logspace(math.log10(shortest_period), math.log10(longest_period), width // 2)
     angle = 2 * math.pi * value / periods
     code = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
@@ -662,8 +755,14 @@ class VisionHeads(nn.Module):
         object_weight: float = 0.0,
         set_matching: bool = False,
         attention_weight: float = 0.0,
+        coordinate_ids: Sequence[int] = (),
+        coordinate_sigma: float = 0.0,
     ):
         super().__init__()
+        self.coordinate_sigma = coordinate_sigma
+        """Standard deviation of the coordinates' soft targets in :meth:`token_loss` (0: one-hot)."""
+        self.register_buffer("coordinate_ids", torch.tensor(list(coordinate_ids), dtype=torch.long), persistent=False)
+        """Token ids of ``<0>`` ... ``<SCALE>``, in value order."""
         self.attention_weight = attention_weight
         """Weight of :meth:`attention_loss` (0: none)."""
         self.object_weight = object_weight
@@ -718,7 +817,26 @@ class VisionHeads(nn.Module):
         logits = mapped @ embeddings.T
         if self.set_matching:
             ids = self.match(logits.detach(), mapped.detach(), ids, embeddings)
-        return F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + F.mse_loss(mapped, embeddings[ids])
+        return F.cross_entropy(logits.flatten(0, 1), self.targets(ids.flatten(), logits.shape[-1])) + F.mse_loss(mapped, embeddings[ids])
+
+    def targets(self, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+        """``ids`` (M,) as cross-entropy targets: the ids themselves, or with ``coordinate_sigma``
+        (M, vocab) distributions, one-hot except at coordinates, which get a Gaussian over the
+        coordinate tokens centred on their value."""
+        if not self.coordinate_sigma or not len(self.coordinate_ids):
+            return ids
+        value = torch.full((vocab,), -1, dtype=torch.long, device=ids.device)
+        value[self.coordinate_ids] = torch.arange(len(self.coordinate_ids), device=ids.device)
+        wanted = F.one_hot(ids, vocab).float()
+        at = value[ids]  # (M,) the coordinate's value, -1 elsewhere
+        where = at >= 0
+        if where.any():
+            grid = torch.arange(len(self.coordinate_ids), dtype=torch.float32, device=ids.device)
+            soft = torch.exp(-0.5 * ((grid[None] - at[where, None].float()) / self.coordinate_sigma) ** 2)
+            spread = torch.zeros(int(where.sum()), vocab, device=ids.device)
+            spread[:, self.coordinate_ids] = soft / soft.sum(-1, keepdim=True)
+            wanted[where] = spread
+        return wanted
 
     @staticmethod
     def match(logits: torch.Tensor, mapped: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
@@ -793,6 +911,8 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         settings.object_weight,
         settings.set_matching,
         settings.attention_weight,
+        coordinate_ids=coordinate_token_ids(tokenizer) if settings.coordinate_sigma else (),
+        coordinate_sigma=settings.coordinate_sigma,
     )
     attention_kind = model.qformer.model.config._attn_implementation
     if settings.attention_weight:
@@ -851,5 +971,6 @@ __all__ = [
     "drill_document",
     "reading_order",
     "scene_tokens",
+    "segment_mask",
     "world_documents",
 ]
