@@ -1,0 +1,105 @@
+"""The micro recipe's language model alone, reading each image's TRUE scene tokens.
+
+    python benchmarks/probe_micro_lm.py RUN_DIR [--images 100] [--split test]
+
+``RUN_DIR`` is a ``tinygptv recipe micro --out`` folder (its ``world/``, ``tokenizer/`` and
+``lm/``). Each image of the split is written as its 32 scene tokens, objects in reading order (as
+the Q-Former learns to write them), and the pretrained LM answers the world's ``[vqa]`` questions
+and each referable object's ``[refer]`` / ``[identify]`` question, one question per prompt in the
+stage-4 template, greedily; answers are scored as the benchmark scores them (exact answer, IoU >
+0.5, the phrase picks out the object). This is the ceiling the whole model's language side sets:
+with a perfect vision encoder and Q-Former, the model could answer no better.
+
+Prints one JSON object: accuracy (%) and count per task and per VQA question kind, and for colour
+and shape questions answered wrongly, how many named another object's colour / shape in the scene
+(a binding error: the right kind of word, from the wrong object).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+
+    from tinygptv.config import TinyGPTVConfig, get_preset
+    from tinygptv.data import shapes as world
+    from tinygptv.data.boxes import format_box, normalize_box
+    from tinygptv.data.encoding import IMAGE_TOKEN_ID, encode_chunks
+    from tinygptv.data.instructions import instruction
+    from tinygptv.data.templates import template_for_stage
+    from tinygptv.eval.metrics import exact_match, refer_iou
+    from tinygptv.eval.shapes import objects_described
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import SCENE_OBJECTS, reading_order, scene_tokens
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a micro recipe run folder")
+    parser.add_argument("--images", type=int, default=100, help="first N images of the split")
+    parser.add_argument("--split", default="test")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(args.run / "tokenizer")
+    state = load_file(str(args.run / "lm" / "model.safetensors"))
+    base = args.run / "base" / "config.json"  # the architecture the run built (else today's preset)
+    model_config = TinyGPTVConfig.from_dict(json.loads(base.read_text())["config"]) if base.is_file() else get_preset("tinygptv-micro")
+    config = plain_language_config(model_config)
+    lm = build_language_model(config, 0.02)
+    lm.load_state_dict(state)
+    lm.eval()
+    held_out = [tuple(p) for p in json.loads((args.run / "world" / "shapes.json").read_text())["held_out_pairs"]]
+    template = template_for_stage(4)
+    end = tokenizer(template.end_symbol, add_special_tokens=False)["input_ids"]
+
+    def answer(scene, task: str, question: str) -> str:
+        chunks = [(template.user_format.format(template.first_content(question, 1, task)), False)]
+        ids: list[int] = []
+        for token in encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids:
+            ids.extend(scene_tokens(scene, tokenizer, list(range(SCENE_OBJECTS))) if token == IMAGE_TOKEN_ID else [token])
+        tokens, written = torch.tensor([ids]), []
+        with torch.no_grad():
+            for _ in range(20):
+                nxt = int(lm(input_ids=tokens, use_cache=False).logits[0, -1].argmax())
+                written.append(nxt)
+                tokens = torch.cat([tokens, torch.tensor([[nxt]])], dim=1)
+                if written[-len(end) :] == end or nxt == tokenizer.eos_token_id:
+                    break
+        return tokenizer.decode(written, skip_special_tokens=True).replace(template.end_symbol, "").strip()
+
+    scores: dict[str, list[float]] = collections.defaultdict(list)
+    binding = collections.Counter()
+    for scene in world.load_scenes(args.run / "world", args.split)[: args.images]:
+        scene = reading_order(scene)
+        for qa in world.questions(scene, 0, held_out, 6):
+            got = answer(scene, "vqa", instruction("vqa", None, qa.question))
+            right = exact_match(got, qa.answer)
+            scores["vqa"].append(right)
+            scores[f"vqa/{qa.kind}"].append(right)
+            if qa.kind in ("color", "shape") and not right:
+                present = [getattr(o, qa.kind) for o in scene.objects]
+                binding[f"{qa.kind}_wrong"] += 1
+                binding[f"{qa.kind}_wrong_is_another_objects"] += got in present
+        for k, (obj, phrase) in enumerate(zip(scene.objects, world.referring_expressions(scene, 0))):
+            if phrase is None:
+                continue
+            iou, _ = refer_iou(answer(scene, "refer", instruction("refer", None, phrase)), obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE)
+            scores["refer"].append(float(iou > 0.5))
+            box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
+            said = answer(scene, "identify", instruction("identify", None, box))
+            scores["identify"].append(float(objects_described(said, scene.objects) == [k]))
+    result = {name: {"accuracy": round(100 * sum(v) / len(v), 1), "n": len(v)} for name, v in sorted(scores.items())}
+    print(json.dumps({"run": str(args.run), "split": args.split, "images": args.images, **result, "binding": dict(binding)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
