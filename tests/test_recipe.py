@@ -603,3 +603,21 @@ def test_isolated_drill_turns_score_each_question_as_a_prompt_of_its_own(head_at
     assert row_loss.item() == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
     # the row writes the scene and "[INST]" once, then each question and its answer
     assert text.count("[INST]") == 1 and text.count("[/INST]") == turns
+
+
+def test_language_model_probe_scores_a_runs_lm_on_true_scenes(toy_run, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_micro_lm.py"
+    spec = importlib.util.spec_from_file_location("probe_micro_lm", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out, _ = toy_run
+    assert probe.main([str(out), "--images", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"vqa", "refer", "identify"} <= set(result) and result["images"] == 2
+    assert result["vqa"]["n"] >= 4 and 0 <= result["vqa"]["accuracy"] <= 100  # two scenes, 2+ questions each
+    assert sum(result[k]["n"] for k in result if k.startswith("vqa/")) == result["vqa"]["n"]
+    assert result["refer"]["n"] == result["identify"]["n"] > 0
