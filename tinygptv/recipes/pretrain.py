@@ -113,9 +113,9 @@ class PretrainSettings:
     spread over the neighbouring coordinates (a Gaussian over ``<0>`` ... ``<100>`` of this standard
     deviation, in coordinate units) instead of ``<v>`` alone: a query that writes ``<v+1>`` is nearly
     right (IoU barely moves) and the loss says so, where a one-hot target calls it as wrong as
-    ``<v+40>``. 0: one-hot. Measured worse on the micro model (1.5, in a build that also isolated
-    the drill turns: ``[refer]`` 3.0 % of the first 200 test questions, against 7.5 % for the same
-    recipe without both; README), so off."""
+    ``<v+40>``. 0: one-hot. Measured only together with ``drill_isolated_turns`` (1.5): that build
+    answered ``[refer]`` no better (3.0 % of the first 200 test questions, as a build with isolated
+    turns and no soft targets, against 7.5 % without either; README), so off."""
     drill_isolated_turns: bool = False
     """Language model only: each of a drill's questions sees the scene and itself alone, as a
     one-question prompt would (:func:`drill_document`): the questions share the scene's tokens in
