@@ -829,17 +829,14 @@ class VisionHeads(nn.Module):
         coordinate tokens centred on their value."""
         if not self.coordinate_sigma or not len(self.coordinate_ids):
             return ids
-        value = torch.full((vocab,), -1, dtype=torch.long, device=ids.device)
-        value[self.coordinate_ids] = torch.arange(len(self.coordinate_ids), device=ids.device)
         wanted = F.one_hot(ids, vocab).float()
-        at = value[ids]  # (M,) the coordinate's value, -1 elsewhere
-        where = at >= 0
-        if where.any():
+        hit = ids[:, None] == self.coordinate_ids[None]  # (M, values): which coordinate each id is
+        rows = hit.any(-1).nonzero().squeeze(1)
+        if len(rows):
+            at = hit[rows].float().argmax(-1).float()  # their values
             grid = torch.arange(len(self.coordinate_ids), dtype=torch.float32, device=ids.device)
-            soft = torch.exp(-0.5 * ((grid[None] - at[where, None].float()) / self.coordinate_sigma) ** 2)
-            spread = torch.zeros(int(where.sum()), vocab, device=ids.device)
-            spread[:, self.coordinate_ids] = soft / soft.sum(-1, keepdim=True)
-            wanted[where] = spread
+            soft = torch.exp(-0.5 * ((grid[None] - at[:, None]) / self.coordinate_sigma) ** 2)
+            wanted[rows[:, None], self.coordinate_ids[None]] = soft / soft.sum(-1, keepdim=True)
         return wanted
 
     @staticmethod
