@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinygptv.eval.shapes import objects_described
     from tinygptv.model.language import build_language_model
     from tinygptv.recipes.micro import plain_language_config
-    from tinygptv.recipes.pretrain import SCENE_OBJECTS, reading_order, scene_tokens
+    from tinygptv.recipes.pretrain import SCENE_OBJECTS, embed_scene_ids, object_parts, reading_order, scene_tokens
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a micro recipe run folder")
@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     lm.load_state_dict(state)
     lm.eval()
     held_out = [tuple(p) for p in json.loads((args.run / "world" / "shapes.json").read_text())["held_out_pairs"]]
+    report = args.run / "report.json"
+    objects = report.is_file() and json.loads(report.read_text())["recipe"]["lm"].get("object_tokens", False)
+    parts = object_parts(tokenizer) if objects else None
     template = template_for_stage(4)
     end = tokenizer(template.end_symbol, add_special_tokens=False)["input_ids"]
 
@@ -64,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         chunks = [(template.user_format.format(template.first_content(question, 1, task)), False)]
         ids: list[int] = []
         for token in encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids:
-            ids.extend(scene_tokens(scene, tokenizer, list(range(SCENE_OBJECTS))) if token == IMAGE_TOKEN_ID else [token])
+            ids.extend(scene_tokens(scene, tokenizer, list(range(SCENE_OBJECTS)), objects) if token == IMAGE_TOKEN_ID else [token])
         tokens, written = torch.tensor([ids]), []
         with torch.no_grad():
             for _ in range(20):
-                nxt = int(lm(input_ids=tokens, use_cache=False).logits[0, -1].argmax())
+                vectors = embed_scene_ids(lm.get_input_embeddings(), tokens, parts)
+                nxt = int(lm(inputs_embeds=vectors, use_cache=False).logits[0, -1].argmax())
                 written.append(nxt)
                 tokens = torch.cat([tokens, torch.tensor([[nxt]])], dim=1)
                 if written[-len(end) :] == end or nxt == tokenizer.eos_token_id:

@@ -621,3 +621,113 @@ def test_language_model_probe_scores_a_runs_lm_on_true_scenes(toy_run, capsys):
     assert result["vqa"]["n"] >= 4 and 0 <= result["vqa"]["accuracy"] <= 100  # two scenes, 2+ questions each
     assert sum(result[k]["n"] for k in result if k.startswith("vqa/")) == result["vqa"]["n"]
     assert result["refer"]["n"] == result["identify"]["n"] > 0
+
+
+def test_object_tokens_write_each_object_as_the_sum_of_its_three_words():
+    from tinygptv.config import get_preset
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import (
+        GROUP,
+        OBJECT_ID_BASE,
+        embed_scene_ids,
+        object_parts,
+        object_words,
+        scene_table,
+        scene_table_ids,
+    )
+
+    tokenizer = _tokenizer()
+    scene = reading_order(_scene())
+    words = scene_tokens(scene, tokenizer, [2, 0, 1, 3])
+    ids = scene_tokens(scene, tokenizer, [2, 0, 1, 3], object_tokens=True)
+    assert len(ids) == len(words) == SCENE_LENGTH
+    assert ids[:3] == words[:3] and ids[-1] == words[-1]  # background and end as before
+    width = len(GROUP)
+    circle, star = (ids[3 + g * width : 3 + (g + 1) * width] for g in (2, 0))  # objects 0 and 1's groups
+    circle_words = words[3 + 2 * width : 3 + 3 * width]
+    assert circle[1:5] == circle_words[3:]  # the box, token for token
+    assert circle[0] == circle[5] == circle[6] == OBJECT_ID_BASE + object_words().index(("small", "blue", "circle"))
+    assert star[0] == OBJECT_ID_BASE + object_words().index(("large", "red", "star")) != circle[0]
+    assert ids[3 + width : 3 + 2 * width] == words[3 + width : 3 + 2 * width]  # an empty group is unchanged
+
+    torch.manual_seed(0)
+    lm = build_language_model(plain_language_config(get_preset("tinygptv-micro")), 0.02)
+    embedding, parts = lm.get_input_embeddings(), object_parts(tokenizer)
+    rows = torch.tensor([ids, words])
+    vectors = embedding_before = embed_scene_ids(embedding, rows, parts)
+    expected = embedding.weight[circle_words[:3]].sum(0)  # " small" + " blue" + " circle"
+    assert torch.allclose(vectors[0, 3 + 2 * width], expected) and torch.allclose(vectors[0, 3 + 2 * width + 6], expected)
+    assert torch.equal(vectors[1], embedding(rows[1]))  # ordinary ids: the embedding's rows
+    assert torch.equal(vectors[0, :3], embedding(rows[1, :3]))
+    embedding_before.sum().backward()  # the gradient reaches the three words' rows (three object tokens each)
+    assert embedding.weight.grad[circle_words[0]].abs().sum() > 0 and embedding.weight.grad[circle_words[2]].abs().sum() > 0
+    # the Q-Former's target table holds the very same vectors at the mapped rows
+    table = scene_table(embedding.weight.detach(), parts)
+    assert table.shape[0] == embedding.weight.shape[0] + len(object_words())
+    assert torch.allclose(table[scene_table_ids(rows, embedding.weight.shape[0])], vectors.detach())
+    with pytest.raises(ValueError, match="object parts"):
+        embed_scene_ids(embedding, rows, None)
+
+
+def test_object_token_drills_and_documents_read_them_and_the_lm_trains_on_them():
+    import dataclasses
+
+    from tinygptv.config import get_preset
+    from tinygptv.data.shapes import held_out_pairs
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import (
+        OBJECT_ID_BASE,
+        TargetPositionsLoss,
+        _CausalLMLoss,
+        embed_scene_ids,
+        object_parts,
+        pretrain_language_model,
+    )
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    tokens, labels = drill_document(tokenizer, 5, 0, held_out, short_prompts=True, object_tokens=True)
+    words, word_labels = drill_document(tokenizer, 5, 0, held_out, short_prompts=True)
+    assert labels == word_labels and len(tokens) == len(words)  # the same questions and answers
+    objects = [i for i, t in enumerate(tokens) if t >= OBJECT_ID_BASE]
+    assert objects and all(labels[i] == -100 for i in objects)  # read, never written
+    assert [t for t in tokens if t < OBJECT_ID_BASE] != [t for t in words]  # the words went into object tokens
+    torch.manual_seed(0)
+    lm = build_language_model(plain_language_config(get_preset("tinygptv-micro")), 0.02)
+    parts = object_parts(tokenizer)
+    ids, target = torch.tensor([tokens]), torch.tensor([labels])
+    reference = lm(inputs_embeds=embed_scene_ids(lm.get_input_embeddings(), ids, parts), labels=target).loss
+    for module in (_CausalLMLoss(lm, parts), TargetPositionsLoss(lm, parts)):
+        assert module(ids, target).item() == pytest.approx(reference.item(), abs=1e-5)
+    # a few steps of the LM loop on object-token drills and documents: it trains, and the words' rows move
+    document = ([("<Img><ImageHere></Img> [vqa] what colour is the star?", False), ("red", True)], _scene())
+    settings = PretrainSettings(steps=2, batch_size=2, seq_len=256, drill_fraction=0.5, warmup_steps=1, object_tokens=True)
+    star = tokenizer(" star", add_special_tokens=False)["input_ids"][0]
+    before = lm.get_input_embeddings().weight[star].detach().clone()
+    losses = pretrain_language_model(lm, tokenizer, [document] * 8, settings, seed=0, held_out=held_out)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(before, lm.get_input_embeddings().weight[star])
+    with pytest.raises(ValueError, match="object_tokens"):
+        run_micro_recipe("unused", dataclasses.replace(toy_recipe(), lm=settings))
+
+
+def test_vision_pretraining_with_object_tokens_trains(toy_run):
+    import dataclasses
+
+    from tinygptv.config import get_preset
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.recipes.micro import pretrain_config
+    from tinygptv.recipes.pretrain import pretrain_vision
+    from transformers import PreTrainedTokenizerFast
+
+    out, _ = toy_run
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out / "tokenizer")
+    torch.manual_seed(0)
+    model = TinyGPTV(pretrain_config(get_preset("tinygptv-micro")), tokenizer=tokenizer)
+    before = model.qformer.query_tokens.detach().clone()
+    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, object_tokens=True, set_matching=True)
+    losses = pretrain_vision(model, out / "world", settings, seed=0)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert not torch.equal(before, model.qformer.query_tokens)

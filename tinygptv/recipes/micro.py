@@ -444,6 +444,10 @@ def run_micro_recipe(
     e.g. ``print``); the first one writes every file and logs.
     """
     recipe = recipe or MicroRecipe()
+    if recipe.lm.object_tokens != recipe.vision.object_tokens:
+        raise ValueError(
+            "lm.object_tokens and vision.object_tokens differ: the Q-Former must write scenes as the language model read them"
+        )
     out = Path(out)
     configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
     if (out / "report.json").exists():

@@ -136,6 +136,15 @@ class PretrainSettings:
     """Language model only: drills ask every question with its task's first (shortest) phrasing
     instead of a random one, so a row holds more questions (the packed world documents keep every
     phrasing)."""
+    object_tokens: bool = False
+    """Both loops (the recipe refuses a run where they differ): write each object of a scene as one
+    *object token* (:func:`scene_tokens`), a vector that is the sum of the embeddings of its size,
+    colour and shape words, instead of three tokens in a row. Reading "the colour of the square"
+    off a scene of word tokens means finding the position of ``square`` and taking the word one
+    position earlier, a two-step lookup across positions that the micro LM did not learn (every
+    wrong colour or shape answer of the LM alone named another object's; README); an object token
+    holds all three in one vector, so one attention step finds the object and reads it. A
+    held-out colour-shape pair is the sum of words the LM knows, so it stays readable."""
     log_every: int = 50
     """Report the mean loss every this many steps."""
 
@@ -171,6 +180,51 @@ SCENE_LENGTH = 3 + SCENE_OBJECTS * len(GROUP) + 1
 """Tokens of a scene: background (3), object groups, an end token: 32, one per Q-Former query."""
 EMPTY = "."
 """The token that fills the groups of absent objects and ends the scene."""
+OBJECT_GROUP = ("object", "x1", "y1", "x2", "y2", "object", "object")
+"""One object's tokens with ``object_tokens`` (:func:`scene_tokens`): its object token, its box, and
+its object token twice more, so that the groups keep :data:`GROUP`'s width and a scene its 32
+tokens (one per Q-Former query); an object token after the box lets ``[identify]`` read the box
+just before it, as the one before the box lets ``[refer]`` read the box just after it."""
+OBJECT_ID_BASE = 1 << 20
+"""Object token ``k`` (:func:`object_words`) has id ``OBJECT_ID_BASE + k`` in scene token rows: far
+above any vocabulary, as it has no row of its own (:func:`embed_scene_ids` makes its vector)."""
+
+
+def object_words() -> list[tuple[str, str, str]]:
+    """Every object the world can draw, as (size, colour, shape): object token ``k`` is the ``k``-th."""
+    from ..data.shapes import COLORS, SHAPES, SIZES
+
+    return [(size, color, shape) for size in SIZES for color in COLORS for shape in SHAPES]
+
+
+def object_parts(tokenizer) -> torch.Tensor:
+    """(K, 3) token ids of each object token's size, colour and shape words (with their leading space)."""
+    return torch.tensor([[token_id(tokenizer, f" {w}") for w in words] for words in object_words()], dtype=torch.long)
+
+
+def embed_scene_ids(embedding: nn.Module, ids: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
+    """Input vectors of token rows ``ids`` (any shape): the embedding's row for an ordinary id, and
+    for an object token the sum of its three words' rows (``parts``: :func:`object_parts`), through
+    which the gradient reaches those rows."""
+    is_object = ids >= OBJECT_ID_BASE
+    vectors = embedding(ids.masked_fill(is_object, 0))
+    if parts is None or not bool(is_object.any()):
+        if bool(is_object.any()):
+            raise ValueError("object tokens in a row but no object parts to embed them with")
+        return vectors
+    summed = embedding(parts.to(ids.device)[ids[is_object] - OBJECT_ID_BASE]).sum(-2)
+    return vectors.index_put((is_object,), summed)
+
+
+def scene_table(weight: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
+    """``weight`` (V, C) with one more row per object token (the sum of its words' rows): the vectors
+    a Q-Former query may become; object token ``k`` is row ``V + k`` (:func:`scene_table_ids`)."""
+    return torch.cat([weight, weight[parts].sum(1)])
+
+
+def scene_table_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Scene token ids as rows of :func:`scene_table` over a ``vocab``-row embedding."""
+    return torch.where(ids >= OBJECT_ID_BASE, ids - OBJECT_ID_BASE + vocab, ids)
 
 
 def scene_words(scene) -> list[list[str]]:
@@ -194,15 +248,22 @@ def token_id(tokenizer, token: str) -> int:
     return ids[0]
 
 
-def scene_tokens(scene, tokenizer, order: Sequence[int]) -> list[int]:
+def scene_tokens(scene, tokenizer, order: Sequence[int], object_tokens: bool = False) -> list[int]:
     """The image as :data:`SCENE_LENGTH` token ids: the background, then :data:`SCENE_OBJECTS`
     object groups (size, colour, shape, x1, y1, x2, y2), object ``k`` in group ``order[k]`` and
-    the other groups :data:`EMPTY`, then :data:`EMPTY`. ``order`` is a permutation of the groups."""
+    the other groups :data:`EMPTY`, then :data:`EMPTY`. ``order`` is a permutation of the groups.
+    With ``object_tokens`` a group is :data:`OBJECT_GROUP`: the object as one object token (id
+    ``OBJECT_ID_BASE + k``, :func:`embed_scene_ids`), its box, the object token twice more."""
     background, *objects = scene_words(scene)
     empty = token_id(tokenizer, EMPTY)
     groups = [[empty] * len(GROUP) for _ in range(SCENE_OBJECTS)]
+    kinds = object_words()
     for k, words in enumerate(objects):
-        groups[order[k]] = [token_id(tokenizer, w) for w in words]
+        ids = [token_id(tokenizer, w) for w in words]
+        if object_tokens:
+            obj = OBJECT_ID_BASE + kinds.index(tuple(w.strip() for w in words[:3]))
+            ids = [obj, *ids[3:], obj, obj]
+        groups[order[k]] = ids
     ids = [token_id(tokenizer, w) for w in background]
     for group in groups:
         ids.extend(group)
@@ -247,27 +308,34 @@ def document_texts(documents: Sequence[Document]) -> Iterator[str]:
             yield "".join(w for group in scene_words(scene) for w in group)
 
 
-def encode_document(tokenizer, document: Document, rng) -> tuple[list[int], list[int]]:
+def encode_document(tokenizer, document: Document, rng, object_tokens: bool = False) -> tuple[list[int], list[int]]:
     """A document's tokens and targets: its scene's tokens (groups in an order drawn from
     ``rng``) where the image's slots would be, not targets (an image is read, never written); the
     rest tokenised exactly as the stages tokenise it (pieces around the image separately, BOS
-    first), every token a target."""
+    first), every token a target. ``object_tokens``: :func:`scene_tokens`' object tokens."""
     chunks, scene = document
     ids = encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids  # one slot per image
-    return splice_scene(ids, ids, scene, tokenizer, rng)
+    return splice_scene(ids, ids, scene, tokenizer, rng, object_tokens=object_tokens)
 
 
 def splice_scene(
-    ids: Sequence[int], labels: Sequence[int], scene, tokenizer, rng, order: Sequence[int] | None = None
+    ids: Sequence[int],
+    labels: Sequence[int],
+    scene,
+    tokenizer,
+    rng,
+    order: Sequence[int] | None = None,
+    object_tokens: bool = False,
 ) -> tuple[list[int], list[int]]:
     """``ids`` / ``labels`` with each image slot replaced by the scene's tokens (groups in an order
-    drawn from ``rng``, or in ``order``), which are never targets."""
+    drawn from ``rng``, or in ``order``; ``object_tokens`` as :func:`scene_tokens`), which are never
+    targets."""
     tokens: list[int] = []
     targets: list[int] = []
     for token, label in zip(ids, labels):
         if token == IMAGE_TOKEN_ID:
             groups = order if order is not None else rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS)
-            scene_ids = scene_tokens(scene, tokenizer, groups)
+            scene_ids = scene_tokens(scene, tokenizer, groups, object_tokens)
             tokens.extend(scene_ids)
             targets.extend([IGNORE_INDEX] * len(scene_ids))
         else:
@@ -276,7 +344,9 @@ def splice_scene(
     return tokens, targets
 
 
-def pack_documents(tokenizer, documents: Sequence[Document], seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_documents(
+    tokenizer, documents: Sequence[Document], seq_len: int, seed: int = 0, object_tokens: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows and their targets, both (N, seq_len): the documents (:func:`encode_document`),
     each followed by EOS, concatenated and cut."""
     import random
@@ -285,7 +355,7 @@ def pack_documents(tokenizer, documents: Sequence[Document], seq_len: int, seed:
     stream: list[int] = []
     targets: list[int] = []
     for document in documents:
-        ids, labels = encode_document(tokenizer, document, rng)
+        ids, labels = encode_document(tokenizer, document, rng, object_tokens)
         stream.extend([*ids, tokenizer.eos_token_id])
         targets.extend([*labels, tokenizer.eos_token_id])
     rows = len(stream) // seq_len
@@ -315,6 +385,7 @@ def drill_document(
     short_prompts: bool = False,
     full_names: bool = False,
     isolated_turns: bool = False,
+    object_tokens: bool = False,
 ):
     """Scene drill ``index``: token ids and targets of one fresh scene of the world (drawn by the
     world's own generator under the training split's rules, so no held-out colour-shape pair), read
@@ -338,7 +409,8 @@ def drill_document(
     beginning (through the scene) once, then each question and answer after it. Returns then also
     each token's position and segment: 0 for the shared beginning, ``k`` for the tokens of question
     ``k`` (1, 2, ...), which attend only to segment 0 and to their own segment (:func:`segment_mask`);
-    their positions restart where the shared beginning ends."""
+    their positions restart where the shared beginning ends. ``object_tokens``: the scene is
+    written with :func:`scene_tokens`' object tokens."""
     import random
 
     from ..data import shapes as world
@@ -362,23 +434,24 @@ def drill_document(
     rng.shuffle(turns)
     template = template_for_stage(4)
     if isolated_turns:
-        return _isolated_turns(tokenizer, scene, turns, template, rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS))
+        order = rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS)
+        return _isolated_turns(tokenizer, scene, turns, template, order, object_tokens)
     chunks: list[tuple[str, bool]] = []
     for k, (task, user, answer) in enumerate(turns):
         chunks.append((template.user_format.format(template.first_content(user, 1 if k == 0 else 0, task)), False))
         chunks.append((answer + template.end_symbol, True))
     encoded = encode_chunks(tokenizer, chunks, num_image_tokens=1)
-    return splice_scene(encoded.input_ids, encoded.labels, scene, tokenizer, rng)
+    return splice_scene(encoded.input_ids, encoded.labels, scene, tokenizer, rng, object_tokens=object_tokens)
 
 
-def _isolated_turns(tokenizer, scene, turns, template, order: Sequence[int]):
+def _isolated_turns(tokenizer, scene, turns, template, order: Sequence[int], object_tokens: bool = False):
     """:func:`drill_document`'s ``isolated_turns`` layout of ``turns`` ``(task, question, answer)``."""
     encoded = []
     for task, user, answer in turns:
         chunks = [(template.user_format.format(template.first_content(user, 1, task)), False)]
         chunks.append((answer + template.end_symbol, True))
         single = encode_chunks(tokenizer, chunks, num_image_tokens=1)
-        encoded.append(splice_scene(single.input_ids, single.labels, scene, tokenizer, None, order))
+        encoded.append(splice_scene(single.input_ids, single.labels, scene, tokenizer, None, order, object_tokens))
     shared = len(encoded[0][0])  # the longest beginning every prompt shares, never into an answer
     for ids, labels in encoded:
         common = next((k for k, (a, b) in enumerate(zip(encoded[0][0], ids)) if a != b), min(len(ids), shared))
@@ -424,6 +497,7 @@ def drill_rows(tokenizer, indices: Sequence[int], seed: int, held_out, settings:
             settings.drill_short_prompts,
             settings.drill_full_names,
             isolated,
+            settings.object_tokens,
         )
         n = min(len(drill[0]), settings.seq_len)
         rows[row, :n] = torch.tensor(drill[0][:n])
@@ -504,12 +578,14 @@ def pretrain_language_model(
     seeded random order, epoch after epoch; drills are new every step. In a process group
     (``torch.distributed``), each process computes its share of every batch under DDP, so the
     result depends on the number of processes, not on their timing. Returns the per-step losses."""
-    rows, targets = pack_documents(tokenizer, documents, settings.seq_len, seed)  # (N, T) each
+    rows, targets = pack_documents(tokenizer, documents, settings.seq_len, seed, settings.object_tokens)  # (N, T) each
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     drills = round(settings.batch_size * settings.drill_fraction)
     rank, world_size = process_group()
-    model = _distributed(TargetPositionsLoss(lm) if settings.head_at_targets_only else _CausalLMLoss(lm))
+    parts = object_parts(tokenizer) if settings.object_tokens else None
+    loss = TargetPositionsLoss(lm, parts) if settings.head_at_targets_only else _CausalLMLoss(lm, parts)
+    model = _distributed(loss)
     lm.train()
 
     def step_loss(step: int) -> torch.Tensor:
@@ -536,33 +612,40 @@ def pretrain_language_model(
     return _fit(step_loss, params, settings, "language model", log if rank == 0 else None)
 
 
-class _CausalLMLoss(nn.Module):
-    """The causal LM's own loss (transformers computes it over every position's logits)."""
+class _SceneInputs(nn.Module):
+    """A causal LM's loss on token rows that may hold object tokens (``parts``: :func:`object_parts`,
+    or ``None``: ordinary ids only, given to the LM as ids)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, parts: torch.Tensor | None = None):
         super().__init__()
         self.lm = lm
+        self.register_buffer("parts", parts, persistent=False)
+
+    def inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.parts is None:
+            return {"input_ids": input_ids}
+        return {"inputs_embeds": embed_scene_ids(self.lm.get_input_embeddings(), input_ids, self.parts)}
+
+
+class _CausalLMLoss(_SceneInputs):
+    """The causal LM's own loss (transformers computes it over every position's logits)."""
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
         return self.lm(  # no KV cache in training
-            input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            **self.inputs(input_ids), labels=labels, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).loss
 
 
-class TargetPositionsLoss(nn.Module):
+class TargetPositionsLoss(_SceneInputs):
     """A causal LM's next-token cross-entropy (as transformers computes it: mean over the tokens
     whose label is not ignored) with the output head applied at those positions only: in a drill
     the answers are a fifth of the tokens, and the head and its softmax over the vocabulary would
     otherwise be computed, and back-propagated, for every token."""
 
-    def __init__(self, lm: nn.Module):
-        super().__init__()
-        self.lm = lm
-
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None) -> torch.Tensor:
         decoder = self.lm.get_decoder()
         hidden = decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            **self.inputs(input_ids), attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (N, T, C)
         targets = labels[:, 1:]
         kept = targets != IGNORE_INDEX
@@ -905,6 +988,9 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         held_out = [tuple(pair) for pair in json.loads((Path(root) / "shapes.json").read_text())["held_out_pairs"]]
     tokenizer = model.tokenizer
     embeddings = model.language_model.get_input_embeddings().weight.detach()
+    vocab = embeddings.shape[0]
+    if settings.object_tokens:  # the vectors a query may become: every token and every object token
+        embeddings = scene_table(embeddings, object_parts(tokenizer))
     heads = VisionHeads(
         cfg.hidden_size,
         model.config.qformer.hidden_size,
@@ -921,7 +1007,12 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     init_sincos_positions(model.vision)
     targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
     identity = list(range(SCENE_OBJECTS))
-    ids = torch.tensor([scene_tokens(reading_order(scene), tokenizer, identity) for scene in bank.scenes])
+    objects = settings.object_tokens
+
+    def scene_ids(scenes) -> torch.Tensor:  # rows of the embedding table, objects in reading order
+        return scene_table_ids(torch.tensor([scene_tokens(reading_order(s), tokenizer, identity, objects) for s in scenes]), vocab)
+
+    ids = scene_ids(bank.scenes)
     if ids.shape[1] != model.num_image_tokens:
         raise ValueError(f"a scene is {ids.shape[1]} tokens but the Q-Former has {model.num_image_tokens} queries")
     model.requires_grad_(False)
@@ -938,9 +1029,8 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         if settings.fresh_images:
             mine = list(range(step * settings.batch_size, (step + 1) * settings.batch_size))[rank::world_size]
             scenes, pixels = fresh_scenes(seed, mine, held_out)
-            scene_ids = torch.tensor([scene_tokens(reading_order(s), tokenizer, identity) for s in scenes])
             dense = [DenseTargets(s, grid, cfg.patch_size) for s in scenes]
-            return trained(normalize_pixels(pixels), dense, scene_ids, embeddings)
+            return trained(normalize_pixels(pixels), dense, scene_ids(scenes), embeddings)
         if len(order) < settings.batch_size:
             order += rng.sample(range(len(bank.scenes)), len(bank.scenes))
         picked, order = order[: settings.batch_size], order[settings.batch_size :]
@@ -970,6 +1060,9 @@ __all__ = [
     "pretrain_language_model",
     "pretrain_vision",
     "drill_document",
+    "embed_scene_ids",
+    "object_parts",
+    "object_words",
     "reading_order",
     "scene_tokens",
     "segment_mask",
