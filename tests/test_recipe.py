@@ -222,6 +222,33 @@ def test_coordinate_embeddings_start_as_a_code_of_their_value():
     assert torch.equal(lm.get_input_embeddings().weight[5], other)  # other rows untouched
 
 
+def test_coordinate_ramp_lets_a_linear_map_find_and_compare_values():
+    from tinygptv.config import get_preset
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import coordinate_token_ids, init_coordinate_embeddings
+
+    tokenizer = _tokenizer()
+    rows = coordinate_token_ids(tokenizer)
+    codes = []
+    for ramp in (0.0, 0.5):
+        torch.manual_seed(0)
+        lm = build_language_model(plain_language_config(get_preset("tinygptv-micro")), 0.02)
+        init_coordinate_embeddings(lm, tokenizer, ramp=ramp)
+        codes.append(lm.get_input_embeddings().weight[rows].detach())
+    plain, ramped = codes
+    scale = plain.norm(dim=1).mean()
+    u, square = ramped[:, -2] / scale, ramped[:, -1] / scale
+    assert torch.allclose(u, 0.5 * torch.linspace(-1, 1, 101), atol=1e-6)  # grows with the value
+    assert torch.allclose(square, 0.5 * (2 * torch.linspace(-1, 1, 101) ** 2 - 1), atol=1e-6)
+    # one linear read-out of a number w scores the coordinates by nearness to it: 4wu - (2u^2 - 1) peaks at u = w
+    for w in (-0.8, -0.1, 0.33, 0.9):
+        query = torch.zeros(ramped.shape[1])
+        query[-2], query[-1] = 4 * w / 0.5, -1 / 0.5
+        assert abs(int((ramped @ query).argmax()) - round((w + 1) * 50)) <= 1
+    assert torch.allclose(ramped[:, :-2].norm(dim=1), scale.expand(101), rtol=1e-4)  # the sine-cosine part keeps its size
+
+
 def test_object_weight_adds_a_cross_entropy_over_the_object_patches_alone():
     from tinygptv.recipes.pretrain import VisionHeads
 

@@ -272,7 +272,7 @@ def build_language_model_phase(out: Path, tokenizer, documents, recipe: MicroRec
     config = get_preset(PRESET)
     torch.manual_seed(recipe.seed)
     lm = build_language_model(plain_language_config(config), config.initializer_range)
-    init_coordinate_embeddings(lm, tokenizer)
+    init_coordinate_embeddings(lm, tokenizer, ramp=recipe.lm.coordinate_ramp)
     held_out = [tuple(pair) for pair in json.loads((out / "world" / "shapes.json").read_text())["held_out_pairs"]]
     losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log, held_out=held_out)
     state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}

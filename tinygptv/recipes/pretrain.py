@@ -116,6 +116,9 @@ class PretrainSettings:
     ``<v+40>``. 0: one-hot. Measured only together with ``drill_isolated_turns`` (1.5): that build
     answered ``[refer]`` no better (3.0 % of the first 200 test questions, as a build with isolated
     turns and no soft targets, against 7.5 % without either; README), so off."""
+    coordinate_ramp: float = 0.0
+    """Language model only: :func:`init_coordinate_embeddings`' ``ramp``: two dimensions of every box
+    coordinate's starting embedding that grow linearly and quadratically with its value (0: none)."""
     drill_isolated_turns: bool = False
     """Language model only: each of a drill's questions sees the scene and itself alone, as a
     one-question prompt would (:func:`drill_document`): the questions share the scene's tokens in
@@ -660,23 +663,37 @@ def coordinate_token_ids(tokenizer) -> list[int]:
     return [token_id(tokenizer, f"<{k}>") for k in range(SCALE + 1)]
 
 
-def init_coordinate_embeddings(lm: nn.Module, tokenizer, shortest_period: float = 8.0, longest_period: float = 400.0) -> None:
+def init_coordinate_embeddings(
+    lm: nn.Module, tokenizer, shortest_period: float = 8.0, longest_period: float = 400.0, ramp: float = 0.0
+) -> None:
     """Start the rows of the box coordinates ``<0>`` ... ``<100>`` (input embeddings and output head)
     as a sine-cosine code of their value, at the size of the random init: neighbouring values start
     alike (cosine ~0.96 for 1 apart, ~0.15 for 20 apart) instead of as unrelated random vectors.
     Whatever reads or writes coordinates (the LM copying a box, the Q-Former learning to emit one)
-    then starts from "close is almost right"; the rows still train."""
+    then starts from "close is almost right"; the rows still train.
+
+    ``ramp`` (0: none) gives the code's last two dimensions to ``u`` and ``2u^2 - 1``, where ``u``
+    runs from -1 (``<0>``) to 1 (``<100>``), times ``ramp`` (relative to a row's size, which the
+    sine-cosine part keeps). A linear map can then compare two coordinates (the sign of ``u_a -
+    u_b``: is A left of B) and score every coordinate by how near it is to a value ``w`` it has as a
+    number (``2wu - u^2`` is largest at ``u = w``): what a linear read-out of a Q-Former query, or
+    one attention step of the LM, can do with a value, where sines of it need a non-linear map."""
     rows = coordinate_token_ids(tokenizer)
     embeddings = lm.get_input_embeddings().weight
     width = embeddings.shape[1]
     value = torch.arange(len(rows), dtype=torch.float32)[:, None]
-    periods = torch.logspace(math.log10(shortest_period), math.log10(longest_period), width // 2)
+    ramped = 2 if ramp else 0
+    periods = torch.logspace(math.log10(shortest_period), math.log10(longest_period), (width - ramped) // 2)
     angle = 2 * math.pi * value / periods
     code = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
-    code = F.pad(code, (0, width - code.shape[1]))
+    code = code / code.norm(dim=1, keepdim=True)
+    code = F.pad(code, (0, width - ramped - code.shape[1]))
+    if ramp:
+        u = 2 * value / (len(rows) - 1) - 1
+        code = torch.cat([code, ramp * u, ramp * (2 * u**2 - 1)], dim=1)
     with torch.no_grad():
         scale = embeddings.std().item() * math.sqrt(width)
-        code = code / code.norm(dim=1, keepdim=True) * scale
+        code = code * scale
         embeddings[rows] = code.to(embeddings.dtype)
         head = lm.get_output_embeddings().weight
         if head.data_ptr() != embeddings.data_ptr():
