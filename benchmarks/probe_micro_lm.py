@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     lm.eval()
     held_out = [tuple(p) for p in json.loads((args.run / "world" / "shapes.json").read_text())["held_out_pairs"]]
     report = args.run / "report.json"
-    objects = report.is_file() and json.loads(report.read_text())["recipe"]["lm"].get("object_tokens", False)
-    parts = object_parts(tokenizer) if objects else None
+    lm_recipe = json.loads(report.read_text())["recipe"]["lm"] if report.is_file() else {}
+    objects, positions = lm_recipe.get("object_tokens", False), lm_recipe.get("object_positions", False)
+    parts = object_parts(tokenizer, positions) if objects else None
     template = template_for_stage(4)
     end = tokenizer(template.end_symbol, add_special_tokens=False)["input_ids"]
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         chunks = [(template.user_format.format(template.first_content(question, 1, task)), False)]
         ids: list[int] = []
         for token in encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids:
-            ids.extend(scene_tokens(scene, tokenizer, list(range(SCENE_OBJECTS)), objects) if token == IMAGE_TOKEN_ID else [token])
+            ids.extend(scene_tokens(scene, tokenizer, list(range(SCENE_OBJECTS)), objects, positions) if token == IMAGE_TOKEN_ID else [token])
         tokens, written = torch.tensor([ids]), []
         with torch.no_grad():
             for _ in range(20):

@@ -57,7 +57,8 @@ def _tokenizer():
     from tinygptv.data.shapes import COLORS, SHAPES, SIZES
 
     words = [f"a {s} {c} {h} on a plain gray background ." for s in SIZES for c in COLORS for h in SHAPES]
-    return train_world_tokenizer(words * 4 + ["a striped sand checkered slate shaded sage background"], 1024)
+    where = ["it is at the top left , at the bottom right , in the center"] * 4
+    return train_world_tokenizer(words * 4 + where + ["a striped sand checkered slate shaded sage background"], 1024)
 
 
 def test_tokenizer_writes_each_box_coordinate_as_one_token_and_decodes_exactly():
@@ -697,7 +698,8 @@ def test_object_tokens_write_each_object_as_the_sum_of_its_three_words():
         embed_scene_ids(embedding, rows, None)
 
 
-def test_object_token_drills_and_documents_read_them_and_the_lm_trains_on_them():
+@pytest.mark.parametrize("positions", [False, True])
+def test_object_token_drills_and_documents_read_them_and_the_lm_trains_on_them(positions):
     import dataclasses
 
     from tinygptv.config import get_preset
@@ -715,7 +717,9 @@ def test_object_token_drills_and_documents_read_them_and_the_lm_trains_on_them()
 
     tokenizer = _tokenizer()
     held_out = held_out_pairs(0)
-    tokens, labels = drill_document(tokenizer, 5, 0, held_out, short_prompts=True, object_tokens=True)
+    tokens, labels = drill_document(
+        tokenizer, 5, 0, held_out, short_prompts=True, object_tokens=True, object_positions=positions
+    )
     words, word_labels = drill_document(tokenizer, 5, 0, held_out, short_prompts=True)
     assert labels == word_labels and len(tokens) == len(words)  # the same questions and answers
     objects = [i for i, t in enumerate(tokens) if t >= OBJECT_ID_BASE]
@@ -723,14 +727,16 @@ def test_object_token_drills_and_documents_read_them_and_the_lm_trains_on_them()
     assert [t for t in tokens if t < OBJECT_ID_BASE] != [t for t in words]  # the words went into object tokens
     torch.manual_seed(0)
     lm = build_language_model(plain_language_config(get_preset("tinygptv-micro")), 0.02)
-    parts = object_parts(tokenizer)
+    parts = object_parts(tokenizer, positions)
     ids, target = torch.tensor([tokens]), torch.tensor([labels])
     reference = lm(inputs_embeds=embed_scene_ids(lm.get_input_embeddings(), ids, parts), labels=target).loss
     for module in (_CausalLMLoss(lm, parts), TargetPositionsLoss(lm, parts)):
         assert module(ids, target).item() == pytest.approx(reference.item(), abs=1e-5)
     # a few steps of the LM loop on object-token drills and documents: it trains, and the words' rows move
     document = ([("<Img><ImageHere></Img> [vqa] what colour is the star?", False), ("red", True)], _scene())
-    settings = PretrainSettings(steps=2, batch_size=2, seq_len=256, drill_fraction=0.5, warmup_steps=1, object_tokens=True)
+    settings = PretrainSettings(
+        steps=2, batch_size=2, seq_len=256, drill_fraction=0.5, warmup_steps=1, object_tokens=True, object_positions=positions
+    )
     star = tokenizer(" star", add_special_tokens=False)["input_ids"][0]
     before = lm.get_input_embeddings().weight[star].detach().clone()
     losses = pretrain_language_model(lm, tokenizer, [document] * 8, settings, seed=0, held_out=held_out)
@@ -738,9 +744,13 @@ def test_object_token_drills_and_documents_read_them_and_the_lm_trains_on_them()
     assert not torch.equal(before, lm.get_input_embeddings().weight[star])
     with pytest.raises(ValueError, match="object_tokens"):
         run_micro_recipe("unused", dataclasses.replace(toy_recipe(), lm=settings))
+    vision = dataclasses.replace(toy_recipe().vision, object_tokens=True)
+    with pytest.raises(ValueError, match="object_positions"):
+        run_micro_recipe("unused", dataclasses.replace(toy_recipe(), lm=dataclasses.replace(settings, object_positions=True), vision=vision))
 
 
-def test_vision_pretraining_with_object_tokens_trains(toy_run):
+@pytest.mark.parametrize("positions", [False, True])
+def test_vision_pretraining_with_object_tokens_trains(toy_run, positions):
     import dataclasses
 
     from tinygptv.config import get_preset
@@ -754,7 +764,47 @@ def test_vision_pretraining_with_object_tokens_trains(toy_run):
     torch.manual_seed(0)
     model = TinyGPTV(pretrain_config(get_preset("tinygptv-micro")), tokenizer=tokenizer)
     before = model.qformer.query_tokens.detach().clone()
-    settings = dataclasses.replace(toy_recipe().vision, steps=2, batch_size=2, object_tokens=True, set_matching=True)
+    settings = dataclasses.replace(
+        toy_recipe().vision, steps=2, batch_size=2, object_tokens=True, object_positions=positions, set_matching=True
+    )
     losses = pretrain_vision(model, out / "world", settings, seed=0)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert not torch.equal(before, model.qformer.query_tokens)
+
+
+def test_object_positions_add_where_the_object_is_to_its_object_token():
+    from tinygptv.config import get_preset
+    from tinygptv.model.language import build_language_model
+    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.pretrain import (
+        GROUP,
+        OBJECT_ID_BASE,
+        POSITIONS,
+        embed_scene_ids,
+        object_parts,
+        object_words,
+        scene_table,
+        scene_table_ids,
+    )
+
+    assert len(POSITIONS) == 9 and {"top left", "center", "bottom", "right"} <= set(POSITIONS)
+    tokenizer = _tokenizer()
+    scene = reading_order(_scene())  # the small blue circle (left), the large red star (top right)
+    assert [o.position() for o in scene.objects] == ["left", "top right"]
+    plain = scene_tokens(scene, tokenizer, [0, 1, 2, 3], object_tokens=True)
+    ids = scene_tokens(scene, tokenizer, [0, 1, 2, 3], object_tokens=True, object_positions=True)
+    width = len(GROUP)
+    kinds = object_words(positions=True)
+    assert ids[3] == OBJECT_ID_BASE + kinds.index(("small", "blue", "circle", "left"))
+    assert ids[3 + width] == OBJECT_ID_BASE + kinds.index(("large", "red", "star", "top", "right"))
+    assert [i for i in ids if i < OBJECT_ID_BASE] == [i for i in plain if i < OBJECT_ID_BASE]  # boxes unchanged
+    parts = object_parts(tokenizer, positions=True)
+    assert parts.shape == (len(kinds), 5) and (parts[kinds.index(("small", "blue", "circle", "left"))] == -1).sum() == 1
+    torch.manual_seed(0)
+    embedding = build_language_model(plain_language_config(get_preset("tinygptv-micro")), 0.02).get_input_embeddings()
+    vectors = embed_scene_ids(embedding, torch.tensor([ids]), parts)[0]
+    word = lambda w: embedding.weight[tokenizer(f" {w}", add_special_tokens=False)["input_ids"][0]]
+    assert torch.allclose(vectors[3], word("small") + word("blue") + word("circle") + word("left"), atol=1e-6)
+    assert torch.allclose(vectors[3 + width], word("large") + word("red") + word("star") + word("top") + word("right"), atol=1e-6)
+    table = scene_table(embedding.weight.detach(), parts)
+    assert torch.allclose(table[scene_table_ids(torch.tensor(ids), embedding.weight.shape[0])], vectors.detach(), atol=1e-6)

@@ -444,10 +444,11 @@ def run_micro_recipe(
     e.g. ``print``); the first one writes every file and logs.
     """
     recipe = recipe or MicroRecipe()
-    if recipe.lm.object_tokens != recipe.vision.object_tokens:
-        raise ValueError(
-            "lm.object_tokens and vision.object_tokens differ: the Q-Former must write scenes as the language model read them"
-        )
+    for name in ("object_tokens", "object_positions"):
+        if getattr(recipe.lm, name) != getattr(recipe.vision, name):
+            raise ValueError(
+                f"lm.{name} and vision.{name} differ: the Q-Former must write scenes as the language model read them"
+            )
     out = Path(out)
     configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
     if (out / "report.json").exists():

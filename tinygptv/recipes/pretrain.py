@@ -148,6 +148,11 @@ class PretrainSettings:
     wrong colour or shape answer of the LM alone named another object's; README); an object token
     holds all three in one vector, so one attention step finds the object and reads it. A
     held-out colour-shape pair is the sum of words the LM knows, so it stays readable."""
+    object_positions: bool = False
+    """Both loops, with ``object_tokens``: an object token also sums the words of where the object
+    is (``top left``, ``center``, ...: its box centre by thirds, as the world's texts say it), so
+    "where is the red circle" is answered from the object token as its colour is, instead of by
+    working the thirds out of four box coordinates."""
     log_every: int = 50
     """Report the mean loss every this many steps."""
 
@@ -193,21 +198,46 @@ OBJECT_ID_BASE = 1 << 20
 above any vocabulary, as it has no row of its own (:func:`embed_scene_ids` makes its vector)."""
 
 
-def object_words() -> list[tuple[str, str, str]]:
-    """Every object the world can draw, as (size, colour, shape): object token ``k`` is the ``k``-th."""
+POSITIONS = tuple(
+    " ".join(w for w in (vertical, horizontal) if w) or "center"
+    for vertical in ("top", "", "bottom")
+    for horizontal in ("left", "", "right")
+)
+"""The world's nine position phrases (:func:`~tinygptv.data.shapes.position_word`)."""
+
+
+def object_words(positions: bool = False) -> list[tuple[str, ...]]:
+    """Every object the world can draw, as (size, colour, shape), or with ``positions`` as (size,
+    colour, shape, position word(s)) in each of the :data:`POSITIONS`: object token ``k`` is the
+    ``k``-th."""
     from ..data.shapes import COLORS, SHAPES, SIZES
 
-    return [(size, color, shape) for size in SIZES for color in COLORS for shape in SHAPES]
+    kinds = [(size, color, shape) for size in SIZES for color in COLORS for shape in SHAPES]
+    if not positions:
+        return kinds
+    return [(*kind, *where.split()) for kind in kinds for where in POSITIONS]
 
 
-def object_parts(tokenizer) -> torch.Tensor:
-    """(K, 3) token ids of each object token's size, colour and shape words (with their leading space)."""
-    return torch.tensor([[token_id(tokenizer, f" {w}") for w in words] for words in object_words()], dtype=torch.long)
+def object_parts(tokenizer, positions: bool = False) -> torch.Tensor:
+    """(K, W) token ids of each object token's words (with their leading space; :func:`object_words`),
+    -1 after the last word of a shorter one."""
+    kinds = object_words(positions)
+    width = max(len(words) for words in kinds)
+    rows = [[token_id(tokenizer, f" {w}") for w in words] + [-1] * (width - len(words)) for words in kinds]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _sum_parts(embedding: nn.Module, parts: torch.Tensor) -> torch.Tensor:
+    """(..., W) word ids (-1: none) -> (..., C) the sum of their embeddings."""
+    vectors = embedding(parts.clamp(min=0))
+    if bool((parts < 0).any()):
+        vectors = vectors * (parts >= 0)[..., None].to(vectors.dtype)
+    return vectors.sum(-2)
 
 
 def embed_scene_ids(embedding: nn.Module, ids: torch.Tensor, parts: torch.Tensor | None) -> torch.Tensor:
     """Input vectors of token rows ``ids`` (any shape): the embedding's row for an ordinary id, and
-    for an object token the sum of its three words' rows (``parts``: :func:`object_parts`), through
+    for an object token the sum of its words' rows (``parts``: :func:`object_parts`), through
     which the gradient reaches those rows."""
     is_object = ids >= OBJECT_ID_BASE
     vectors = embedding(ids.masked_fill(is_object, 0))
@@ -215,14 +245,14 @@ def embed_scene_ids(embedding: nn.Module, ids: torch.Tensor, parts: torch.Tensor
         if bool(is_object.any()):
             raise ValueError("object tokens in a row but no object parts to embed them with")
         return vectors
-    summed = embedding(parts.to(ids.device)[ids[is_object] - OBJECT_ID_BASE]).sum(-2)
+    summed = _sum_parts(embedding, parts.to(ids.device)[ids[is_object] - OBJECT_ID_BASE])
     return vectors.index_put((is_object,), summed)
 
 
 def scene_table(weight: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
     """``weight`` (V, C) with one more row per object token (the sum of its words' rows): the vectors
     a Q-Former query may become; object token ``k`` is row ``V + k`` (:func:`scene_table_ids`)."""
-    return torch.cat([weight, weight[parts].sum(1)])
+    return torch.cat([weight, _sum_parts(nn.Embedding.from_pretrained(weight), parts)])
 
 
 def scene_table_ids(ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -251,20 +281,24 @@ def token_id(tokenizer, token: str) -> int:
     return ids[0]
 
 
-def scene_tokens(scene, tokenizer, order: Sequence[int], object_tokens: bool = False) -> list[int]:
+def scene_tokens(
+    scene, tokenizer, order: Sequence[int], object_tokens: bool = False, object_positions: bool = False
+) -> list[int]:
     """The image as :data:`SCENE_LENGTH` token ids: the background, then :data:`SCENE_OBJECTS`
     object groups (size, colour, shape, x1, y1, x2, y2), object ``k`` in group ``order[k]`` and
     the other groups :data:`EMPTY`, then :data:`EMPTY`. ``order`` is a permutation of the groups.
     With ``object_tokens`` a group is :data:`OBJECT_GROUP`: the object as one object token (id
-    ``OBJECT_ID_BASE + k``, :func:`embed_scene_ids`), its box, the object token twice more."""
+    ``OBJECT_ID_BASE + k``, :func:`embed_scene_ids`), its box, the object token twice more;
+    ``object_positions``: object tokens that also hold the object's position words."""
     background, *objects = scene_words(scene)
     empty = token_id(tokenizer, EMPTY)
     groups = [[empty] * len(GROUP) for _ in range(SCENE_OBJECTS)]
-    kinds = object_words()
+    kinds = {words: k for k, words in enumerate(object_words(object_positions))}
     for k, words in enumerate(objects):
         ids = [token_id(tokenizer, w) for w in words]
         if object_tokens:
-            obj = OBJECT_ID_BASE + kinds.index(tuple(w.strip() for w in words[:3]))
+            where = tuple(scene.objects[k].position().split()) if object_positions else ()
+            obj = OBJECT_ID_BASE + kinds[(*(w.strip() for w in words[:3]), *where)]
             ids = [obj, *ids[3:], obj, obj]
         groups[order[k]] = ids
     ids = [token_id(tokenizer, w) for w in background]
@@ -311,14 +345,16 @@ def document_texts(documents: Sequence[Document]) -> Iterator[str]:
             yield "".join(w for group in scene_words(scene) for w in group)
 
 
-def encode_document(tokenizer, document: Document, rng, object_tokens: bool = False) -> tuple[list[int], list[int]]:
+def encode_document(
+    tokenizer, document: Document, rng, object_tokens: bool = False, object_positions: bool = False
+) -> tuple[list[int], list[int]]:
     """A document's tokens and targets: its scene's tokens (groups in an order drawn from
     ``rng``) where the image's slots would be, not targets (an image is read, never written); the
     rest tokenised exactly as the stages tokenise it (pieces around the image separately, BOS
-    first), every token a target. ``object_tokens``: :func:`scene_tokens`' object tokens."""
+    first), every token a target. ``object_tokens``, ``object_positions``: as :func:`scene_tokens`."""
     chunks, scene = document
     ids = encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids  # one slot per image
-    return splice_scene(ids, ids, scene, tokenizer, rng, object_tokens=object_tokens)
+    return splice_scene(ids, ids, scene, tokenizer, rng, None, object_tokens, object_positions)
 
 
 def splice_scene(
@@ -329,16 +365,18 @@ def splice_scene(
     rng,
     order: Sequence[int] | None = None,
     object_tokens: bool = False,
+    object_positions: bool = False,
 ) -> tuple[list[int], list[int]]:
     """``ids`` / ``labels`` with each image slot replaced by the scene's tokens (groups in an order
-    drawn from ``rng``, or in ``order``; ``object_tokens`` as :func:`scene_tokens`), which are never
+    drawn from ``rng``, or in ``order``; ``object_tokens``, ``object_positions`` as
+    :func:`scene_tokens`), which are never
     targets."""
     tokens: list[int] = []
     targets: list[int] = []
     for token, label in zip(ids, labels):
         if token == IMAGE_TOKEN_ID:
             groups = order if order is not None else rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS)
-            scene_ids = scene_tokens(scene, tokenizer, groups, object_tokens)
+            scene_ids = scene_tokens(scene, tokenizer, groups, object_tokens, object_positions)
             tokens.extend(scene_ids)
             targets.extend([IGNORE_INDEX] * len(scene_ids))
         else:
@@ -348,7 +386,12 @@ def splice_scene(
 
 
 def pack_documents(
-    tokenizer, documents: Sequence[Document], seq_len: int, seed: int = 0, object_tokens: bool = False
+    tokenizer,
+    documents: Sequence[Document],
+    seq_len: int,
+    seed: int = 0,
+    object_tokens: bool = False,
+    object_positions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows and their targets, both (N, seq_len): the documents (:func:`encode_document`),
     each followed by EOS, concatenated and cut."""
@@ -358,7 +401,7 @@ def pack_documents(
     stream: list[int] = []
     targets: list[int] = []
     for document in documents:
-        ids, labels = encode_document(tokenizer, document, rng, object_tokens)
+        ids, labels = encode_document(tokenizer, document, rng, object_tokens, object_positions)
         stream.extend([*ids, tokenizer.eos_token_id])
         targets.extend([*labels, tokenizer.eos_token_id])
     rows = len(stream) // seq_len
@@ -389,6 +432,7 @@ def drill_document(
     full_names: bool = False,
     isolated_turns: bool = False,
     object_tokens: bool = False,
+    object_positions: bool = False,
 ):
     """Scene drill ``index``: token ids and targets of one fresh scene of the world (drawn by the
     world's own generator under the training split's rules, so no held-out colour-shape pair), read
@@ -412,8 +456,8 @@ def drill_document(
     beginning (through the scene) once, then each question and answer after it. Returns then also
     each token's position and segment: 0 for the shared beginning, ``k`` for the tokens of question
     ``k`` (1, 2, ...), which attend only to segment 0 and to their own segment (:func:`segment_mask`);
-    their positions restart where the shared beginning ends. ``object_tokens``: the scene is
-    written with :func:`scene_tokens`' object tokens."""
+    their positions restart where the shared beginning ends. ``object_tokens``, ``object_positions``:
+    the scene is written as :func:`scene_tokens` writes it with them."""
     import random
 
     from ..data import shapes as world
@@ -438,23 +482,26 @@ def drill_document(
     template = template_for_stage(4)
     if isolated_turns:
         order = rng.sample(range(SCENE_OBJECTS), SCENE_OBJECTS)
-        return _isolated_turns(tokenizer, scene, turns, template, order, object_tokens)
+        return _isolated_turns(tokenizer, scene, turns, template, order, object_tokens, object_positions)
     chunks: list[tuple[str, bool]] = []
     for k, (task, user, answer) in enumerate(turns):
         chunks.append((template.user_format.format(template.first_content(user, 1 if k == 0 else 0, task)), False))
         chunks.append((answer + template.end_symbol, True))
     encoded = encode_chunks(tokenizer, chunks, num_image_tokens=1)
-    return splice_scene(encoded.input_ids, encoded.labels, scene, tokenizer, rng, object_tokens=object_tokens)
+    return splice_scene(encoded.input_ids, encoded.labels, scene, tokenizer, rng, None, object_tokens, object_positions)
 
 
-def _isolated_turns(tokenizer, scene, turns, template, order: Sequence[int], object_tokens: bool = False):
+def _isolated_turns(
+    tokenizer, scene, turns, template, order: Sequence[int], object_tokens: bool = False, object_positions: bool = False
+):
     """:func:`drill_document`'s ``isolated_turns`` layout of ``turns`` ``(task, question, answer)``."""
     encoded = []
     for task, user, answer in turns:
         chunks = [(template.user_format.format(template.first_content(user, 1, task)), False)]
         chunks.append((answer + template.end_symbol, True))
         single = encode_chunks(tokenizer, chunks, num_image_tokens=1)
-        encoded.append(splice_scene(single.input_ids, single.labels, scene, tokenizer, None, order, object_tokens))
+        spliced = splice_scene(single.input_ids, single.labels, scene, tokenizer, None, order, object_tokens, object_positions)
+        encoded.append(spliced)
     shared = len(encoded[0][0])  # the longest beginning every prompt shares, never into an answer
     for ids, labels in encoded:
         common = next((k for k, (a, b) in enumerate(zip(encoded[0][0], ids)) if a != b), min(len(ids), shared))
@@ -501,6 +548,7 @@ def drill_rows(tokenizer, indices: Sequence[int], seed: int, held_out, settings:
             settings.drill_full_names,
             isolated,
             settings.object_tokens,
+            settings.object_positions,
         )
         n = min(len(drill[0]), settings.seq_len)
         rows[row, :n] = torch.tensor(drill[0][:n])
@@ -581,12 +629,14 @@ def pretrain_language_model(
     seeded random order, epoch after epoch; drills are new every step. In a process group
     (``torch.distributed``), each process computes its share of every batch under DDP, so the
     result depends on the number of processes, not on their timing. Returns the per-step losses."""
-    rows, targets = pack_documents(tokenizer, documents, settings.seq_len, seed, settings.object_tokens)  # (N, T) each
+    rows, targets = pack_documents(  # (N, T) each
+        tokenizer, documents, settings.seq_len, seed, settings.object_tokens, settings.object_positions
+    )
     generator = torch.Generator().manual_seed(seed)
     order = torch.empty(0, dtype=torch.long)
     drills = round(settings.batch_size * settings.drill_fraction)
     rank, world_size = process_group()
-    parts = object_parts(tokenizer) if settings.object_tokens else None
+    parts = object_parts(tokenizer, settings.object_positions) if settings.object_tokens else None
     loss = TargetPositionsLoss(lm, parts) if settings.head_at_targets_only else _CausalLMLoss(lm, parts)
     model = _distributed(loss)
     lm.train()
@@ -1007,7 +1057,7 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     embeddings = model.language_model.get_input_embeddings().weight.detach()
     vocab = embeddings.shape[0]
     if settings.object_tokens:  # the vectors a query may become: every token and every object token
-        embeddings = scene_table(embeddings, object_parts(tokenizer))
+        embeddings = scene_table(embeddings, object_parts(tokenizer, settings.object_positions))
     heads = VisionHeads(
         cfg.hidden_size,
         model.config.qformer.hidden_size,
@@ -1024,10 +1074,11 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     init_sincos_positions(model.vision)
     targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
     identity = list(range(SCENE_OBJECTS))
-    objects = settings.object_tokens
+    objects, positions = settings.object_tokens, settings.object_positions
 
     def scene_ids(scenes) -> torch.Tensor:  # rows of the embedding table, objects in reading order
-        return scene_table_ids(torch.tensor([scene_tokens(reading_order(s), tokenizer, identity, objects) for s in scenes]), vocab)
+        rows = [scene_tokens(reading_order(s), tokenizer, identity, objects, positions) for s in scenes]
+        return scene_table_ids(torch.tensor(rows), vocab)
 
     ids = scene_ids(bank.scenes)
     if ids.shape[1] != model.num_image_tokens:
