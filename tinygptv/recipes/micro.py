@@ -79,23 +79,44 @@ class MicroRecipe:
     """Images of the shapes world (80 % train, 5 % val, 5 % test, 10 % compositional)."""
     vocab_size: int = 1024
     """Largest tokenizer (the micro LM's embedding rows)."""
-    template_tokens: bool = False
+    template_tokens: bool = True
     """One token for each template marker and task tag (:func:`~tinygptv.recipes.world_tokenizer.
-    template_tokens`): stage-4 turns a third shorter. Off in the shipped build (see the README)."""
+    template_tokens`): stage-4 turns a third shorter."""
     lm_documents: int = 20000
     """Texts of the world drawn for the tokenizer and the language-model pretraining."""
     lm: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=1200, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30, drill_fraction=0.8
+            steps=1200,
+            batch_size=16,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=30,
+            drill_fraction=0.8,
+            seq_len=224,
+            drill_short_prompts=True,
+            drill_full_names=True,
+            head_at_targets_only=True,
+            object_tokens=True,
+            object_positions=True,
+            coordinate_ramp=0.5,
         )
     )
-    """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills)."""
+    """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills), reading
+    scenes of object tokens that hold each object's words and position."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=700, batch_size=32, lr=4e-3, min_lr=1e-4, warmup_steps=30, object_weight=1.0, attention_weight=1.0
+            steps=700,
+            batch_size=32,
+            lr=4e-3,
+            min_lr=1e-4,
+            warmup_steps=30,
+            object_weight=1.0,
+            attention_weight=1.0,
+            object_tokens=True,
+            object_positions=True,
         )
     )
-    """Vision encoder + Q-Former pretraining."""
+    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read)."""
     conv_stem: bool = True
     """Give the micro ViT a convolutional stem (:data:`CONV_STEM` channels,
     :class:`~tinygptv.model.vision.ConvStem`) instead of the linear patch embedding: a hybrid ViT.

@@ -10,7 +10,8 @@ own, on the shapes world, before the four TinyGPT-V stages:
    world's texts in each stage's template (:func:`world_documents`), packed into fixed-length rows.
    Where a text has an image, the LM reads the image's 32 *scene tokens* instead
    (:func:`scene_tokens`: the background, then each object's size, colour, shape and box, in a
-   random order), never as targets: it learns to answer, describe and locate from a written scene,
+   random order; in the micro recipe each object is one *object token*, the sum of its words'
+   embeddings, position words included, then its box), never as targets: it learns to answer, describe and locate from a written scene,
    as a real LLM has read countless descriptions of scenes. Most rows of each batch are *scene
    drills* (:func:`drill_document`): a fresh text-only scene drawn by the world's own generator,
    followed by a dozen stage-4 questions about it (``[vqa]``, ``[refer]``, ``[identify]``), so
