@@ -43,6 +43,7 @@ recipe's report (and in the README): not yet far enough.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -219,6 +220,12 @@ def object_words(positions: bool = False) -> list[tuple[str, ...]]:
     return [(*kind, *where.split()) for kind in kinds for where in POSITIONS]
 
 
+@functools.lru_cache(maxsize=2)
+def _object_index(positions: bool) -> dict[tuple[str, ...], int]:
+    """:func:`object_words` -> object token number (built once: every scene written looks it up)."""
+    return {words: k for k, words in enumerate(object_words(positions))}
+
+
 def object_parts(tokenizer, positions: bool = False) -> torch.Tensor:
     """(K, W) token ids of each object token's words (with their leading space; :func:`object_words`),
     -1 after the last word of a shorter one."""
@@ -242,10 +249,10 @@ def embed_scene_ids(embedding: nn.Module, ids: torch.Tensor, parts: torch.Tensor
     which the gradient reaches those rows."""
     is_object = ids >= OBJECT_ID_BASE
     vectors = embedding(ids.masked_fill(is_object, 0))
-    if parts is None or not bool(is_object.any()):
-        if bool(is_object.any()):
-            raise ValueError("object tokens in a row but no object parts to embed them with")
+    if not bool(is_object.any()):
         return vectors
+    if parts is None:
+        raise ValueError("object tokens in a row but no object parts to embed them with")
     summed = _sum_parts(embedding, parts.to(ids.device)[ids[is_object] - OBJECT_ID_BASE])
     return vectors.index_put((is_object,), summed)
 
@@ -294,7 +301,7 @@ def scene_tokens(
     background, *objects = scene_words(scene)
     empty = token_id(tokenizer, EMPTY)
     groups = [[empty] * len(GROUP) for _ in range(SCENE_OBJECTS)]
-    kinds = {words: k for k, words in enumerate(object_words(object_positions))}
+    kinds = _object_index(object_positions)
     for k, words in enumerate(objects):
         ids = [token_id(tokenizer, w) for w in words]
         if object_tokens:
