@@ -317,6 +317,9 @@ def build_vision_phase(out: Path, world: Path, tokenizer, lm_state, recipe: Micr
     losses = pretrain_vision(model, world, recipe.vision, recipe.seed, log)
     state = {f"vision.{k}": v for k, v in model.vision.state_dict().items()}
     state.update({f"qformer.{k}": v for k, v in model.qformer.state_dict().items()})
+    if recipe.vision.pretrained_projections:  # the stage-1 projections' start (assemble_base)
+        for name in ("vision_proj", "lm_proj"):
+            state.update({f"{name}.{k}": v for k, v in getattr(model, name).state_dict().items()})
     state = {k: v.detach().contiguous() for k, v in state.items()}
     if _is_main():
         (out / "vision").mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,13 @@ class PretrainSettings:
     ``<v+40>``. 0: one-hot. Measured only together with ``drill_isolated_turns`` (1.5): that build
     answered ``[refer]`` no better (3.0 % of the first 200 test questions, as a build with isolated
     turns and no soft targets, against 7.5 % without either; README), so off."""
+    pretrained_projections: bool = False
+    """Vision only: the stage-1 model starts its two projections (``vision_proj``, ``lm_proj``) from
+    this loop's read-out head (``VisionHeads.to_lm``, fitted with the Q-Former to put its outputs
+    on the LM's scene tokens), factored exactly into the two (:func:`factor_projection`), instead
+    of a fresh Gaussian init. The paper's stage 1 likewise starts ``vision_proj`` from MiniGPT-4's
+    projection, trained to map the Q-Former's outputs into an LLM's input space; the micro model
+    has no MiniGPT-4, and its vision pretraining plays that role."""
     coordinate_ramp: float = 0.0
     """Language model only: :func:`init_coordinate_embeddings`' ``ramp``: two dimensions of every box
     coordinate's starting embedding that grow linearly and quadratically with its value (0: none)."""
@@ -1023,6 +1030,28 @@ class VisionHeads(nn.Module):
         return torch.cat([ids[:, :start], matched.flatten(1), ids[:, span.stop :]], dim=1)
 
 
+def factor_projection(head: nn.Linear, first: nn.Linear, second: nn.Linear, seed: int) -> None:
+    """Set ``second(first(x)) == head(x)`` for every ``x``: ``first`` an isometry (its weight a random
+    matrix with orthonormal columns, drawn from ``seed``; bias 0) into its wider space, ``second``
+    the head's weight read back from there (``W A^T``; the head's bias). ``first`` must be at least
+    as wide as its input."""
+    out_width, in_width = first.weight.shape
+    if out_width < in_width:
+        raise ValueError(f"cannot factor a {in_width}-wide input through a {out_width}-wide projection")
+    if (head.in_features, head.out_features) != (in_width, second.out_features) or second.in_features != out_width:
+        raise ValueError(
+            f"head {head.in_features}->{head.out_features} does not match projections "
+            f"{first.in_features}->{first.out_features}->{second.out_features}"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(out_width, in_width, generator=generator, dtype=torch.float64))
+    with torch.no_grad():
+        first.weight.copy_(basis.to(first.weight.dtype))
+        first.bias.zero_()
+        second.weight.copy_((head.weight.double() @ basis.T).to(second.weight.dtype))
+        second.bias.copy_(head.bias)
+
+
 class _VisionPretraining(nn.Module):
     """The ViT, the Q-Former and the temporary heads as one module (what DDP wraps): images in, loss out."""
 
@@ -1118,6 +1147,8 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         losses = _fit(step_loss, params, settings, "vision", log if rank == 0 else None)
     finally:
         model.qformer.model.set_attn_implementation(attention_kind)
+    if settings.pretrained_projections:
+        factor_projection(heads.to_lm, model.vision_proj, model.lm_proj, seed)
     model.requires_grad_(False)
     model.eval()
     return losses
@@ -1137,6 +1168,7 @@ __all__ = [
     "pretrain_vision",
     "drill_document",
     "embed_scene_ids",
+    "factor_projection",
     "object_parts",
     "object_words",
     "reading_order",
