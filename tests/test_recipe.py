@@ -809,3 +809,61 @@ def test_object_positions_add_where_the_object_is_to_its_object_token():
     assert torch.allclose(vectors[3 + width], word("large") + word("red") + word("star") + word("top") + word("right"), atol=1e-6)
     table = scene_table(embedding.weight.detach(), parts)
     assert torch.allclose(table[scene_table_ids(torch.tensor(ids), embedding.weight.shape[0])], vectors.detach(), atol=1e-6)
+
+
+def test_factor_projection_splits_a_head_exactly_into_two_projections():
+    from tinygptv.recipes.pretrain import factor_projection
+
+    torch.manual_seed(0)
+    head, first, second = torch.nn.Linear(12, 10), torch.nn.Linear(12, 20), torch.nn.Linear(20, 10)
+    factor_projection(head, first, second, seed=3)
+    x = torch.randn(7, 12)
+    assert torch.allclose(second(first(x)), head(x), atol=1e-5)
+    # first is an isometry into the wider space: lengths and angles kept, nothing collapsed
+    assert torch.allclose(first.weight.T @ first.weight, torch.eye(12), atol=1e-5)
+    assert torch.count_nonzero(first.bias) == 0
+    with pytest.raises(ValueError, match="cannot factor"):
+        factor_projection(head, torch.nn.Linear(12, 8), torch.nn.Linear(8, 10), seed=3)
+    with pytest.raises(ValueError, match="does not match"):
+        factor_projection(head, first, torch.nn.Linear(20, 9), seed=3)
+
+
+def test_pretrained_projections_start_stage_one_from_the_vision_read_out(toy_run, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = toy_run
+    recipe = toy_recipe()
+    recipe.vision.pretrained_projections = True
+    run = tmp_path / "projections"
+    run_micro_recipe(run, recipe, stage_overrides=TOY_STAGES, evaluate_stages=False, log=lambda m: None)
+    vision = load_file(str(run / "vision" / "model.safetensors"))
+    base = load_file(str(run / "base" / "model.safetensors"))
+    fresh = load_file(str(out / "base" / "model.safetensors"))
+    names = ("vision_proj.weight", "vision_proj.bias", "lm_proj.weight", "lm_proj.bias")
+    key = {n: next(k for k in base if k.endswith(n)) for n in names}
+    for name in names:
+        assert torch.equal(base[key[name]], vision[name])  # the base starts from the vision phase's head
+        assert not torch.equal(base[key[name]], fresh[key[name]]) or name == "vision_proj.bias"
+    first = vision["vision_proj.weight"]
+    assert torch.allclose(first.T @ first, torch.eye(first.shape[1]), atol=1e-5)
+
+
+def test_vision_probe_reads_a_models_image_tokens_back_as_scene_tokens(toy_run, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_micro_vision.py"
+    spec = importlib.util.spec_from_file_location("probe_micro_vision", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out, _ = toy_run
+    args = ["--data", str(out / "world"), "--model", str(out / "model"), "--images", "3", "--fit-images", "8"]
+    assert probe.main([*args, "--steps", "3", "--words"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 3 and result["objects"] >= 3
+    for readout in ("projection", "probe"):
+        scores = result[readout]
+        assert {"background", "object_token", "box_iou_0.5", "coordinate_within_3"} <= set(scores)
+        assert all(0 <= v <= 100 for v in scores.values())
+        assert scores["coordinate_exact"] <= scores["coordinate_within_1"] <= scores["coordinate_within_3"]

@@ -117,6 +117,12 @@ class MicroRecipe:
         )
     )
     """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read)."""
+    calibrated_norms: bool = False
+    """Start TinyGPT-V's added norms (QK LayerNorms, post-attention RMSNorms) as close to the identity
+    as each can be on the pretrained micro LM's own activations (:func:`calibrate_added_norms`, on
+    :data:`CALIBRATION_DRILLS` scene drills) instead of at weight 1 / bias 0. At 1 / 0 they rescale
+    every query, key and attention output of an LM that was trained without them: the micro LM's
+    drill loss goes from 0.25 to 1.69, and the stages must first repair what it had learnt."""
     conv_stem: bool = True
     """Give the micro ViT a convolutional stem (:data:`CONV_STEM` channels,
     :class:`~tinygptv.model.vision.ConvStem`) instead of the linear patch embedding: a hybrid ViT.
@@ -327,7 +333,84 @@ def build_vision_phase(out: Path, world: Path, tokenizer, lm_state, recipe: Micr
     return {"state": state, "losses": losses}
 
 
-def assemble_base(tokenizer, lm_state, vision_state, seed: int, overrides: dict[str, Any] | None = None):
+CALIBRATION_DRILLS = 64
+"""Scene drills whose activations :func:`calibrate_added_norms` fits the added norms on."""
+
+
+def calibration_rows(tokenizer, world: Path, recipe: MicroRecipe):
+    """The first :data:`CALIBRATION_DRILLS` scene drills of the language model's pretraining, as
+    ``(token rows, object parts or None)``: what :func:`assemble_base` calibrates the added norms on."""
+    from .pretrain import drill_rows, object_parts
+
+    held_out = [tuple(pair) for pair in json.loads((world / "shapes.json").read_text())["held_out_pairs"]]
+    rows = drill_rows(tokenizer, range(CALIBRATION_DRILLS), recipe.seed, held_out, recipe.lm)[0]
+    parts = object_parts(tokenizer, recipe.lm.object_positions) if recipe.lm.object_tokens else None
+    return rows, parts
+
+
+def calibrate_added_norms(lm, inputs_embeds, mask) -> dict[str, float]:
+    """Set TinyGPT-V's added norms of ``lm`` (each attention's ``q_layernorm`` / ``k_layernorm`` and
+    each layer's ``post_attention_norm``, whichever it has) to the affine maps that best reproduce
+    their inputs: one pass over ``inputs_embeds`` (N, T, C) with every added norm passing its input
+    through unchanged (the pretrained LM's own computation), then per channel the least-squares
+    weight (and LayerNorm bias) from the normalised input to the input, over the tokens of
+    ``mask`` (N, T), pooled over heads. Returns each norm's fraction of variance explained."""
+    import torch
+
+    norms = {
+        name: module
+        for name, module in lm.named_modules()
+        if name.endswith(("q_layernorm", "k_layernorm", "post_attention_norm")) and hasattr(module, "weight")
+    }
+    seen: dict[str, torch.Tensor] = {}
+
+    def through(name):
+        def hook(module, args, output):
+            seen[name] = args[0].detach()
+            return args[0]  # the LM computes as if the norm were not there
+
+        return hook
+
+    hooks = [module.register_forward_hook(through(name)) for name, module in norms.items()]
+    try:
+        with torch.no_grad():
+            lm(inputs_embeds=inputs_embeds, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    fit: dict[str, float] = {}
+    with torch.no_grad():
+        for name, norm in norms.items():
+            x = seen[name].float()
+            width = norm.weight.shape[0]
+            if x.shape[:2] == mask.shape:  # (N, T, ...): keep the real tokens
+                x = x[mask.bool()]
+            else:  # (N, heads, T, D)
+                x = x.transpose(1, 2)[mask.bool()]
+            x = x.reshape(-1, width)
+            if isinstance(norm, torch.nn.LayerNorm):
+                unit = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
+                unit_mean, x_mean = unit.mean(0), x.mean(0)
+                weight = ((unit - unit_mean) * (x - x_mean)).mean(0) / ((unit - unit_mean) ** 2).mean(0).clamp(min=1e-12)
+                bias = x_mean - weight * unit_mean
+                norm.bias.copy_(bias)
+            else:  # RMSNorm: weight only
+                unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+                weight = (unit * x).mean(0) / (unit * unit).mean(0).clamp(min=1e-12)
+                bias = torch.zeros_like(weight)
+            norm.weight.copy_(weight)
+            fit[name] = float(1 - ((unit * weight + bias - x) ** 2).mean() / x.var().clamp(min=1e-12))
+    return fit
+
+
+def assemble_base(
+    tokenizer,
+    lm_state,
+    vision_state,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+    calibration=None,
+):
     """The TinyGPT-V micro model before stage 1: the pretrained LM, ViT and Q-Former, with
     TinyGPT-V's added norms at their initial values (QK LayerNorms 1/0, RMSNorms 1), a new LoRA
     (B = 0) and fresh projections, all drawn from ``seed``. ``overrides`` are dotted config
@@ -359,7 +442,15 @@ def assemble_base(tokenizer, lm_state, vision_state, seed: int, overrides: dict[
     fresh = sorted(k for k in set(keys) - set(pretrained) if parameter_kind(k) == "pretrained" and "rotary" not in k)
     if fresh:
         raise ValueError(f"pretrained parts left at their random init: {fresh[:5]}")
-    return model.eval()
+    model.eval()
+    if calibration is not None:  # (token rows, object parts): see calibrate_added_norms
+        from .pretrain import embed_scene_ids
+
+        rows, parts = calibration
+        with torch.no_grad():
+            embeds = embed_scene_ids(model.lm.get_input_embeddings(), rows, parts)
+        calibrate_added_norms(model.lm, embeds, rows != tokenizer.pad_token_id)
+    return model
 
 
 # =============================================================================================
@@ -598,7 +689,8 @@ def _run_recipe(out, recipe, configs_dir, stage_overrides, evaluate_stages, prog
     if not report.done("base"):
         with report.phase("base", log):
             if main:
-                assemble_base(tokenizer, lm["state"], vision["state"], recipe.seed).save_pretrained(base)
+                calibration = calibration_rows(tokenizer, world, recipe) if recipe.calibrated_norms else None
+                assemble_base(tokenizer, lm["state"], vision["state"], recipe.seed, calibration=calibration).save_pretrained(base)
             _barrier()
 
     from ..train import is_finished
@@ -762,7 +854,8 @@ def run_ablation(
         overrides = ABLATIONS[name]
         folder = out / _slug(name)
         base = folder / "base"
-        assemble_base(tokenizer, lm_state, vision_state, recipe.seed, overrides).save_pretrained(base)
+        calibration = calibration_rows(tokenizer, world, recipe) if recipe.calibrated_norms else None
+        assemble_base(tokenizer, lm_state, vision_state, recipe.seed, overrides, calibration).save_pretrained(base)
         row: dict[str, Any] = {"stages": {}, "failure": None, "accuracy": None}
         run_dir = None
         for number in STAGE_NUMBERS:
@@ -820,6 +913,7 @@ __all__ = [
     "EVAL_TASKS",
     "MicroRecipe",
     "assemble_base",
+    "calibrate_added_norms",
     "micro_config",
     "stem_channels",
     "default_configs_dir",
