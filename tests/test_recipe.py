@@ -828,7 +828,38 @@ def test_factor_projection_splits_a_head_exactly_into_two_projections():
         factor_projection(head, first, torch.nn.Linear(20, 9), seed=3)
 
 
-def test_pretrained_projections_start_stage_one_from_the_vision_read_out(toy_run, tmp_path):
+def test_calibrated_norms_bring_the_lm_with_added_norms_closer_to_the_pretrained_lm():
+    from tinygptv.model.tinygptv import TinyGPTV
+    from tinygptv.recipes.micro import calibrate_added_norms
+
+    torch.manual_seed(0)
+    model = TinyGPTV("tinygptv-tiny").eval()
+    lm = model.lm
+    norms = [m for n, m in lm.named_modules() if n.endswith(("q_layernorm", "k_layernorm", "post_attention_norm"))]
+    assert len(norms) == 3 * model.config.language.num_layers
+    embeds = torch.randn(3, 9, model.config.language.hidden_size)
+    mask = torch.ones(3, 9)
+    mask[2, 6:] = 0  # padding is left out of the fit
+
+    def logits(bypass: bool) -> torch.Tensor:
+        hooks = [m.register_forward_hook(lambda mod, args, out: args[0]) for m in norms] if bypass else []
+        with torch.no_grad():
+            out = lm(inputs_embeds=embeds, use_cache=False).logits
+        for hook in hooks:
+            hook.remove()
+        return out
+
+    pretrained = logits(bypass=True)  # the LM as it was before the norms were added
+    at_init = (logits(bypass=False) - pretrained).norm()
+    fit = calibrate_added_norms(lm, embeds, mask)
+    calibrated = (logits(bypass=False) - pretrained).norm()
+    assert set(fit) == {n for n, m in lm.named_modules() if m in norms}
+    assert all(0 < v <= 1 for v in fit.values())
+    assert calibrated < 0.5 * at_init
+    assert not all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
+def test_pretrained_projections_and_calibrated_norms_start_stage_one(toy_run, tmp_path):
     from safetensors.torch import load_file
 
     out, _ = toy_run
@@ -846,6 +877,8 @@ def test_pretrained_projections_start_stage_one_from_the_vision_read_out(toy_run
         assert not torch.equal(base[key[name]], fresh[key[name]]) or name == "vision_proj.bias"
     first = vision["vision_proj.weight"]
     assert torch.allclose(first.T @ first, torch.eye(first.shape[1]), atol=1e-5)
+    calibrated = [k for k in base if k.endswith(("q_layernorm.weight", "post_attention_norm.weight"))]
+    assert calibrated and not any(torch.equal(base[k], torch.ones_like(base[k])) for k in calibrated)  # not 1 / 0
 
 
 def test_vision_probe_reads_a_models_image_tokens_back_as_scene_tokens(toy_run, capsys):
@@ -867,3 +900,21 @@ def test_vision_probe_reads_a_models_image_tokens_back_as_scene_tokens(toy_run, 
         assert {"background", "object_token", "box_iou_0.5", "coordinate_within_3"} <= set(scores)
         assert all(0 <= v <= 100 for v in scores.values())
         assert scores["coordinate_exact"] <= scores["coordinate_within_1"] <= scores["coordinate_within_3"]
+
+
+def test_added_norms_probe_scores_the_plain_the_paper_init_and_the_calibrated_lm(toy_run, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_added_norms.py"
+    spec = importlib.util.spec_from_file_location("probe_added_norms", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    out, _ = toy_run
+    assert probe.main([str(out), "--drills", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["answer_tokens"] > 0
+    losses = {k: result[k]["loss"] for k in ("plain", "paper_init", "calibrated")}
+    assert all(v > 0 for v in losses.values())
+    assert losses["paper_init"] != losses["plain"]  # the added norms at 1 / 0 change the LM

@@ -14,8 +14,9 @@ stages on top (section 4.1). The micro model is the same architecture, only smal
                           a dozen stage-4 questions each); without TinyGPT-V's norms (``lm/``)
  3    vision              ViT (dense per-patch targets) + Q-Former (its queries become the scene
                           tokens in the LM's embedding space) (``vision/``)
- 4    base                the TinyGPT-V model: pretrained frozen parts, TinyGPT-V's norms and LoRA
-                          added, fresh projections; our format (``base/``), the stages' ``base_weights``
+ 4    base                the TinyGPT-V model: pretrained frozen parts, TinyGPT-V's norms (fitted to
+                          the LM's activations) and LoRA added, the projections from the vision
+                          phase's read-out; our format (``base/``), the stages' ``base_weights``
  5-8  stages 1-4          ``configs/micro/stage{1..4}.yaml`` through :func:`tinygptv.train.train`
                           (``stage1/`` .. ``stage4/``), each evaluated on the test and
                           compositional splits when it ends
@@ -114,10 +115,11 @@ class MicroRecipe:
             attention_weight=1.0,
             object_tokens=True,
             object_positions=True,
+            pretrained_projections=True,
         )
     )
     """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read)."""
-    calibrated_norms: bool = False
+    calibrated_norms: bool = True
     """Start TinyGPT-V's added norms (QK LayerNorms, post-attention RMSNorms) as close to the identity
     as each can be on the pretrained micro LM's own activations (:func:`calibrate_added_norms`, on
     :data:`CALIBRATION_DRILLS` scene drills) instead of at weight 1 / bias 0. At 1 / 0 they rescale
@@ -412,8 +414,10 @@ def assemble_base(
     calibration=None,
 ):
     """The TinyGPT-V micro model before stage 1: the pretrained LM, ViT and Q-Former, with
-    TinyGPT-V's added norms at their initial values (QK LayerNorms 1/0, RMSNorms 1), a new LoRA
-    (B = 0) and fresh projections, all drawn from ``seed``. ``overrides`` are dotted config
+    TinyGPT-V's added norms at their initial values (QK LayerNorms 1/0, RMSNorms 1; with
+    ``calibration``, ``(token rows, object parts)``, fitted on the LM's activations on those rows by
+    :func:`calibrate_added_norms`), a new LoRA (B = 0) and fresh projections, all drawn from ``seed``
+    (projections in ``vision_state``, ``pretrained_projections``, are taken from there). ``overrides`` are dotted config
     overrides (the ablations remove modules this way). A convolutional stem in ``vision_state``
     goes into the config (:func:`stem_channels`)."""
     import torch

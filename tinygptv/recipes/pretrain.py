@@ -32,8 +32,9 @@ own, on the shapes world, before the four TinyGPT-V stages:
    LM read images in step 1. BLIP-2's Q-Former likewise learns to hand a frozen LM what it can
    read; here the target is given token by token, which a CPU budget can afford to learn, where
    a contrastive loss (satisfied by a few salient attributes) asks nothing about boxes. The
-   temporary heads are then thrown away; the four TinyGPT-V stages start from fresh projections,
-   as the paper's stage 1 does.
+   temporary heads are then thrown away, but for the read-out into the LM's space, which with
+   ``pretrained_projections`` starts the stage-1 projections (as MiniGPT-4's projection starts
+   the paper's).
 
 Both loops are deterministic: the data order is a pure function of the seed, and nothing else is
 random but the seeded model init. In a ``torch.distributed`` group (the recipe's ``processes``)
