@@ -53,6 +53,18 @@ def _scene() -> Scene:
     return Scene(image_id=7, split="train", background="gray", texture="plain", objects=objects)
 
 
+def _benchmark(name: str):
+    """``benchmarks/NAME.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _tokenizer():
     from tinygptv.data.shapes import COLORS, SHAPES, SIZES
 
@@ -634,14 +646,9 @@ def test_isolated_drill_turns_score_each_question_as_a_prompt_of_its_own(head_at
 
 
 def test_language_model_probe_scores_a_runs_lm_on_true_scenes(toy_run, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_micro_lm.py"
-    spec = importlib.util.spec_from_file_location("probe_micro_lm", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _benchmark("probe_micro_lm")
     out, _ = toy_run
     assert probe.main([str(out), "--images", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -882,14 +889,9 @@ def test_pretrained_projections_and_calibrated_norms_start_stage_one(toy_run, tm
 
 
 def test_vision_probe_reads_a_models_image_tokens_back_as_scene_tokens(toy_run, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_micro_vision.py"
-    spec = importlib.util.spec_from_file_location("probe_micro_vision", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _benchmark("probe_micro_vision")
     out, _ = toy_run
     args = ["--data", str(out / "world"), "--model", str(out / "model"), "--images", "3", "--fit-images", "8"]
     assert probe.main([*args, "--steps", "3", "--words"]) == 0
@@ -903,14 +905,9 @@ def test_vision_probe_reads_a_models_image_tokens_back_as_scene_tokens(toy_run, 
 
 
 def test_added_norms_probe_scores_the_plain_the_paper_init_and_the_calibrated_lm(toy_run, capsys):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_added_norms.py"
-    spec = importlib.util.spec_from_file_location("probe_added_norms", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _benchmark("probe_added_norms")
     out, _ = toy_run
     assert probe.main([str(out), "--drills", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
