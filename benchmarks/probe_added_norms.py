@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import PreTrainedTokenizerFast
 
     from tinygptv.model.language import build_language_model
-    from tinygptv.recipes.micro import MicroRecipe, assemble_base, calibration_rows, plain_language_config
+    from tinygptv.recipes.micro import MicroRecipe, assemble_base, calibration_rows, plain_language_config, world_held_out
     from tinygptv.recipes.pretrain import PretrainSettings, drill_rows, embed_scene_ids, object_parts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     lm_state = load_file(str(args.run / "lm" / "model.safetensors"))
     vision_state = load_file(str(args.run / "vision" / "model.safetensors"))
     world = args.run / "world"
-    held_out = [tuple(pair) for pair in json.loads((world / "shapes.json").read_text())["held_out_pairs"]]
-    rows, targets, _, _ = drill_rows(tokenizer, range(UNSEEN_DRILLS, UNSEEN_DRILLS + args.drills), recipe.seed, held_out, recipe.lm)
+    unseen = range(UNSEEN_DRILLS, UNSEEN_DRILLS + args.drills)
+    rows, targets, _, _ = drill_rows(tokenizer, unseen, recipe.seed, world_held_out(world), recipe.lm)
     parts = object_parts(tokenizer, recipe.lm.object_positions) if recipe.lm.object_tokens else None
 
     def score(lm) -> dict[str, float]:

@@ -279,6 +279,11 @@ def make_world(out: Path, recipe: MicroRecipe) -> Path:
     return world
 
 
+def world_held_out(world: Path) -> list[tuple[str, str]]:
+    """The colour-shape pairs a world keeps for its compositional split (its ``shapes.json``)."""
+    return [tuple(pair) for pair in json.loads((world / "shapes.json").read_text())["held_out_pairs"]]
+
+
 def build_tokenizer(out: Path, documents, recipe: MicroRecipe):
     from .world_tokenizer import train_world_tokenizer
 
@@ -302,8 +307,7 @@ def build_language_model_phase(out: Path, tokenizer, documents, recipe: MicroRec
     torch.manual_seed(recipe.seed)
     lm = build_language_model(plain_language_config(config), config.initializer_range)
     init_coordinate_embeddings(lm, tokenizer, ramp=recipe.lm.coordinate_ramp)
-    held_out = [tuple(pair) for pair in json.loads((out / "world" / "shapes.json").read_text())["held_out_pairs"]]
-    losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log, held_out=held_out)
+    losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log, held_out=world_held_out(out / "world"))
     state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
     if _is_main():
         (out / "lm").mkdir(parents=True, exist_ok=True)
@@ -344,8 +348,7 @@ def calibration_rows(tokenizer, world: Path, recipe: MicroRecipe):
     ``(token rows, object parts or None)``: what :func:`assemble_base` calibrates the added norms on."""
     from .pretrain import drill_rows, object_parts
 
-    held_out = [tuple(pair) for pair in json.loads((world / "shapes.json").read_text())["held_out_pairs"]]
-    rows = drill_rows(tokenizer, range(CALIBRATION_DRILLS), recipe.seed, held_out, recipe.lm)[0]
+    rows = drill_rows(tokenizer, range(CALIBRATION_DRILLS), recipe.seed, world_held_out(world), recipe.lm)[0]
     parts = object_parts(tokenizer, recipe.lm.object_positions) if recipe.lm.object_tokens else None
     return rows, parts
 
@@ -385,10 +388,9 @@ def calibrate_added_norms(lm, inputs_embeds, mask) -> dict[str, float]:
         for name, norm in norms.items():
             x = seen[name].float()
             width = norm.weight.shape[0]
-            if x.shape[:2] == mask.shape:  # (N, T, ...): keep the real tokens
-                x = x[mask.bool()]
-            else:  # (N, heads, T, D)
-                x = x.transpose(1, 2)[mask.bool()]
+            if x.dim() == 4:  # queries / keys: (N, heads, T, D)
+                x = x.transpose(1, 2)
+            x = x[mask.bool()]  # the real tokens
             x = x.reshape(-1, width)
             if isinstance(norm, torch.nn.LayerNorm):
                 unit = (x - x.mean(-1, keepdim=True)) * torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
