@@ -30,7 +30,8 @@ def _linear(k=256, n=96, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_matmul_with_dequantized_weights(cls, dtype):
     """The CPU kernels compute x @ dequantize().T up to how they round the activations: fbgemm (int8,
-    fp32 in) quantizes them to 8 bits per tensor (7 without VNNI), the other kernels work in bf16."""
+    fp32 in) quantizes them to 8 bits per tensor (7 without VNNI), onnxruntime's int4 (the default
+    where installed) to 8 bits per group, torch's int4 and the bf16 paths work in bf16."""
     layer = _linear()
     q = cls.from_linear(layer) if cls is Int8Linear else cls.from_linear(layer, group_size=64)
     x = torch.randn(2, 5, 256)
@@ -311,3 +312,72 @@ def test_load_model_int4_on_cpu_keeps_the_first_layers_int8(tmp_path):
     with torch.no_grad():
         got = q(ids).logits[0, -1]
     assert torch.nn.functional.cosine_similarity(got, reference, dim=0).item() > 0.98
+
+
+
+def test_onnxruntime_int4_computes_our_format_and_keeps_no_reference_to_its_inputs():
+    """OrtInt4Matmul computes x @ dequantize().T (float zero included) up to its int8 rounding of
+    the activations, matches torch's int4 kernel as closely, does not read the codes, scales or
+    zeros it was built from once packed (they are overwritten here, as freeing them would), and
+    reads the exact codes back."""
+    from tinygptv.quantize import OrtInt4Matmul
+
+    layer = _linear(k=256, n=96)
+    q = Int4Linear.from_linear(layer, group_size=32)
+    codes, scale, zero = q.qweight.clone(), q.scale.clone(), q.zero.clone()
+    assert zero.abs().max() > 0  # the zero term is exercised
+    kernel = OrtInt4Matmul(codes, scale, zero, group_size=32, threads=1)
+    x = torch.randn(7, 256)
+    expected = x @ q.dequantize().t()
+    got = kernel(x)
+    assert ((got - expected).norm() / expected.norm()).item() < 0.01
+    one = kernel(x[3:4])
+    assert torch.allclose(one[0], got[3], atol=1e-5)  # rows are independent
+    for held in (codes, scale, zero):
+        held.fill_(7)
+    assert torch.equal(kernel(x), got)
+    assert torch.equal(kernel.codes(q.scale, q.zero), q.qweight)
+    assert got.dtype == torch.float32 and kernel(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_int4_kernel_choice_follows_the_environment(monkeypatch):
+    """TINYGPTV_INT4_KERNEL picks the kernel a layer packs for; both give the same answers to within
+    their activation rounding; a group size MatMulNBits does not take falls back to torch's kernel;
+    an unknown name is an error naming the variable."""
+    from tinygptv.quantize import INT4_KERNEL_ENV, OrtInt4Matmul, int4_cpu_kernel
+
+    layer = _linear(k=256, n=96)
+    x = torch.randn(4, 256)
+    outputs = {}
+    for kernel in ("onnxruntime", "torch"):
+        monkeypatch.setenv(INT4_KERNEL_ENV, kernel)
+        assert int4_cpu_kernel() == kernel
+        q = Int4Linear.from_linear(layer, group_size=64)
+        outputs[kernel] = q(x)
+        assert isinstance(q._packed, OrtInt4Matmul) == (kernel == "onnxruntime")
+    diff = (outputs["onnxruntime"] - outputs["torch"]).norm() / outputs["torch"].norm()
+    assert 0 < diff.item() < 0.02
+    monkeypatch.setenv(INT4_KERNEL_ENV, "onnxruntime")
+    odd = Int4Linear.from_linear(_linear(k=48, n=24), group_size=8)  # neither kernel takes it
+    assert torch.allclose(odd(torch.ones(1, 48)), torch.ones(1, 48) @ odd.dequantize().t() + odd.bias, atol=1e-5)
+    assert odd._packed is None
+    monkeypatch.setenv(INT4_KERNEL_ENV, "openvino")
+    with pytest.raises(ValueError, match=INT4_KERNEL_ENV):
+        int4_cpu_kernel()
+
+
+def test_int4_kernel_benchmark_runs(capsys):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_int4_kernels")
+    import sys
+
+    argv = sys.argv
+    sys.argv = ["bench_int4_kernels.py", "--layers", "1", "--tokens", "1", "--repeats", "1", "--threads", "1"]
+    try:
+        bench.main()
+    finally:
+        sys.argv = argv
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("int")]
+    assert [" ".join(r[:2]) for r in rows] == ["int8 fbgemm", "int4 torch", "int4 onnxruntime"]
+    assert all(float(r[3]) > 0 for r in rows)

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from conftest import load_benchmark
 from tinygptv.data.shapes import CANONICAL_SIZE, Scene, ShapeObject
 from tinygptv.recipes.micro import ABLATIONS, MicroRecipe, format_ablation, run_ablation, run_micro_recipe
 from tinygptv.recipes.pretrain import (
@@ -51,18 +52,6 @@ def _scene() -> Scene:
         ShapeObject("circle", "blue", "small", (0.2, 0.6), 0.06, box=(31, 121, 59, 149)),
     ]
     return Scene(image_id=7, split="train", background="gray", texture="plain", objects=objects)
-
-
-def _benchmark(name: str):
-    """``benchmarks/NAME.py`` as a module (the benchmarks are scripts, not a package)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tokenizer():
@@ -648,7 +637,7 @@ def test_isolated_drill_turns_score_each_question_as_a_prompt_of_its_own(head_at
 def test_language_model_probe_scores_a_runs_lm_on_true_scenes(toy_run, capsys):
     import json
 
-    probe = _benchmark("probe_micro_lm")
+    probe = load_benchmark("probe_micro_lm")
     out, _ = toy_run
     assert probe.main([str(out), "--images", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -891,7 +880,7 @@ def test_pretrained_projections_and_calibrated_norms_start_stage_one(toy_run, tm
 def test_vision_probe_reads_a_models_image_tokens_back_as_scene_tokens(toy_run, capsys):
     import json
 
-    probe = _benchmark("probe_micro_vision")
+    probe = load_benchmark("probe_micro_vision")
     out, _ = toy_run
     args = ["--data", str(out / "world"), "--model", str(out / "model"), "--images", "3", "--fit-images", "8"]
     assert probe.main([*args, "--steps", "3", "--words"]) == 0
@@ -907,7 +896,7 @@ def test_vision_probe_reads_a_models_image_tokens_back_as_scene_tokens(toy_run, 
 def test_added_norms_probe_scores_the_plain_the_paper_init_and_the_calibrated_lm(toy_run, capsys):
     import json
 
-    probe = _benchmark("probe_added_norms")
+    probe = load_benchmark("probe_added_norms")
     out, _ = toy_run
     assert probe.main([str(out), "--drills", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import gc
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -165,6 +166,145 @@ def _needs_reduced_range() -> bool:
     return not ("avx512_vnni" in flags or "avx_vnni" in flags)
 
 
+INT4_KERNEL_ENV = "TINYGPTV_INT4_KERNEL"
+"""Environment variable that picks the int4 CPU kernel: ``onnxruntime``, ``torch`` or ``auto`` (the
+default: onnxruntime where it is installed). Read when a layer is packed, so a benchmark can set it
+per process and compare the two."""
+
+
+@functools.lru_cache(maxsize=None)
+def _onnxruntime_available() -> bool:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def int4_cpu_kernel() -> str:
+    """The int4 CPU kernel packing will use now: ``"onnxruntime"`` or ``"torch"`` (see
+    :data:`INT4_KERNEL_ENV`)."""
+    choice = os.environ.get(INT4_KERNEL_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "onnxruntime", "torch"):
+        raise ValueError(f"{INT4_KERNEL_ENV}={choice!r}: expected auto, onnxruntime or torch")
+    if choice == "onnxruntime" and not _onnxruntime_available():
+        raise ImportError(f"{INT4_KERNEL_ENV}=onnxruntime, but onnxruntime / onnx are not installed")
+    if choice == "auto":
+        return "onnxruntime" if _onnxruntime_available() else "torch"
+    return choice
+
+
+class OrtInt4Matmul:
+    """``x @ W.T`` for our int4 format on onnxruntime's ``MatMulNBits`` CPU kernel (MLAS).
+
+    ``MatMulNBits`` without zero points computes ``(q - 8) * scale`` per group, which is our format
+    less its float ``zero``; the zero's share, ``sum_g zero[n, g] * sum_{i in g} x[i]``, is a small
+    (M, G) x (G, N) matmul in the same graph. ``accuracy_level=4`` makes MLAS round the activations
+    to int8 per group of the input (symmetric, per block: finer than fbgemm's per-tensor rounding)
+    and use int8 dot products. Measured at Phi-2's shapes, one token, 2 threads, all 4 matmuls of a
+    decoder layer with distinct weights (so from memory, not cache): 2.5 ms per layer against
+    7.6 ms for ``aten._weight_int4pack_mm_for_cpu`` and 2.6 ms for fbgemm's int8 (``benchmarks/
+    bench_int4_kernels.py``).
+
+    The codes, scales and zeros are handed to onnxruntime as external initializers (no copy), and
+    its kernels pre-pack them into their own layout at session creation; onnxruntime then releases
+    the originals, which are never read again, so the caller may free them (a test overwrites them
+    after packing and checks the results do not change). :meth:`codes` recovers the portable codes
+    from the session (for saving after inference) by multiplying identity rows.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, threads: int | None = None):
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        n, k = codes.shape[0], codes.shape[1] * 2
+        groups = k // group_size
+        self.in_features, self.out_features, self.group_size = k, n, group_size
+        arrays = {
+            "B": codes.detach().contiguous().numpy().reshape(n, groups, group_size // 2),
+            "S": scale.detach().float().contiguous().numpy().reshape(-1),
+            "Zt": zero.detach().float().t().contiguous().numpy(),  # (G, N)
+        }
+
+        def external(name, array, dtype):
+            tensor = TensorProto(name=name, data_type=dtype, dims=array.shape)
+            tensor.data_location = TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value="tinygptv-in-memory")
+            return tensor
+
+        nodes = [
+            helper.make_node("MatMulNBits", ["A", "B", "S"], ["Yq"], domain="com.microsoft",
+                             K=k, N=n, bits=4, block_size=group_size, accuracy_level=4),
+            helper.make_node("Reshape", ["A", "group_shape"], ["Ag"]),
+            helper.make_node("ReduceSum", ["Ag", "last_axis"], ["Asum"], keepdims=0),
+            helper.make_node("MatMul", ["Asum", "Zt"], ["Yz"]),
+            helper.make_node("Add", ["Yq", "Yz"], ["Y"]),
+        ]
+        initializers = [
+            external("B", arrays["B"], TensorProto.UINT8),
+            external("S", arrays["S"], TensorProto.FLOAT),
+            external("Zt", arrays["Zt"], TensorProto.FLOAT),
+            helper.make_tensor("group_shape", TensorProto.INT64, [3], [0, groups, group_size]),
+            helper.make_tensor("last_axis", TensorProto.INT64, [1], [2]),
+        ]
+        graph = helper.make_graph(
+            nodes, "int4_linear", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], initializer=initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # Spinning workers would take the cores from PyTorch's ops between two matmuls (measured:
+        # 40x slower with ~100 spinning sessions).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # No per-session arena: each would keep its largest activations (a prefill's) for good,
+        # times every layer of the model.
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+        values = [ort.OrtValue.ortvalue_from_numpy(arrays[name]) for name in ("B", "S", "Zt")]
+        options.add_external_initializers(["B", "S", "Zt"], values)
+        self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        del onnx  # imported for its protobuf classes only
+
+    @staticmethod
+    def takes(group_size: int) -> bool:
+        """Whether ``MatMulNBits`` takes this group size (a power of two, at least 16)."""
+        return group_size >= 16 and group_size & (group_size - 1) == 0
+
+    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
+        """(M, K) -> (M, N), in ``x2``'s dtype (computed from float32)."""
+        a = x2.detach().to(torch.float32).contiguous().numpy()
+        out = torch.from_numpy(self._session.run(None, {"A": a})[0])
+        return out.to(x2.dtype)
+
+    @torch.no_grad()
+    def codes(self, scale: torch.Tensor, zero: torch.Tensor, rows: int = 512) -> torch.Tensor:
+        """The portable (N, K/2) uint8 codes, read back through the kernel: identity rows give
+        ``(q - 8) * scale + zero`` column by column, from which ``q`` is rounded (the int8 rounding
+        of a one-hot row is exact, so the error is float rounding, far below half a step)."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        scale, zero = scale.float(), zero.float()
+        codes = torch.empty(n, k, dtype=torch.int32)
+        for start in range(0, k, rows):
+            cols = torch.arange(start, min(start + rows, k))
+            eye = torch.zeros(len(cols), k)
+            eye[torch.arange(len(cols)), cols] = 1.0
+            w = self(eye).t()  # (N, c): the dequantized weights of these input columns
+            s, z = scale[:, cols // g], zero[:, cols // g]
+            q = torch.round((w - z) / s) + 8
+            if not (q.min() >= 0 and q.max() <= 15 and ((w - z) / s + 8 - q).abs().max() < 0.25):
+                raise RuntimeError("could not read the int4 codes back from onnxruntime's packed weights")
+            codes[:, cols] = q.to(torch.int32)
+        return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+    def __deepcopy__(self, memo):
+        raise TypeError("an onnxruntime-packed int4 layer cannot be copied; copy the model before packing it")
+
+
 class Int8Linear(_WeightOnlyLinear):
     """A Linear layer with int8 weights (per-output-channel scales) and float activations."""
 
@@ -276,31 +416,49 @@ class Int4Linear(_WeightOnlyLinear):
         """Bytes of weights read per forward: the codes and the kernel's bf16 scales and zeros."""
         return self.out_features * self.in_features // 2 + self.out_features * (self.in_features // self.group_size) * 4
 
+    def _scale_zero_now(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, G) scale and zero, wherever they live now."""
+        if self._scale_dtype is not None:
+            scale, zero = self._scales_zeros.transpose(0, 1).to(self._scale_dtype).unbind(-1)
+            return scale, zero
+        return self.scale, self.zero
+
     def _codes_from_packed(self) -> torch.Tensor:
+        if isinstance(self._packed, OrtInt4Matmul):
+            return self._packed.codes(*self._scale_zero_now())
         return _int4_codes_from_cpu_layout(self._packed, self.out_features, self.in_features)
 
     def _portable_from_packed(self) -> dict[str, torch.Tensor]:
         portable = super()._portable_from_packed()
         if self._scale_dtype is not None:  # exact: the values were bf16 numbers (see pack)
-            scale, zero = self._scales_zeros.transpose(0, 1).to(self._scale_dtype).unbind(-1)  # (N, G) each
+            scale, zero = self._scale_zero_now()  # (N, G) each
             portable.update(scale=scale.contiguous(), zero=zero.contiguous())
         return portable
 
     def pack(self) -> None:
-        """The int4 kernel's nibble layout and its (G, N, 2) bf16 scales and zeros. These replace
-        ``qweight``, and ``scale`` / ``zero`` too where those hold bf16 numbers (as
-        :meth:`from_linear` makes them; a file from before may not), so that nothing is held twice."""
-        if self._packed is not None or self.out_features % 16:  # the kernel's packing needs N % 16 == 0
+        """The CPU kernel's layout (:func:`int4_cpu_kernel` picks the kernel): onnxruntime's
+        pre-packed ``MatMulNBits`` weights (:class:`OrtInt4Matmul`), or torch's int4 nibble layout.
+        Either keeps (G, N, 2) bf16 scales and zeros beside it (what torch's kernel takes; what
+        reading onnxruntime's codes back needs). These replace ``qweight``, and ``scale`` / ``zero``
+        too where those hold bf16 numbers (as :meth:`from_linear` makes them; a file from before may
+        not), so that nothing is held twice."""
+        if self._packed is not None:
+            return
+        kernel = int4_cpu_kernel()
+        if kernel == "onnxruntime" and not OrtInt4Matmul.takes(self.group_size):
+            kernel = "torch"
+        if kernel == "torch" and self.out_features % 16:  # torch's packing needs N % 16 == 0
             return
         pairs = torch.stack([self.scale, self.zero], dim=-1)  # (N, G, 2)
         self._scales_zeros = pairs.transpose(0, 1).to(torch.bfloat16).contiguous()
         exact = torch.equal(self._scales_zeros.transpose(0, 1).to(pairs.dtype), pairs)
         self._scale_dtype = pairs.dtype if exact else None
         del pairs
-        self._replace_codes(
-            torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpack(), 1),
-            ("qweight", "scale", "zero") if exact else ("qweight",),
-        )
+        if kernel == "onnxruntime":
+            packed = OrtInt4Matmul(self.qweight, self.scale, self.zero, self.group_size)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpack(), 1)
+        self._replace_codes(packed, ("qweight", "scale", "zero") if exact else ("qweight",))
 
     def _restore_codes(self) -> None:
         super()._restore_codes()
@@ -310,6 +468,8 @@ class Int4Linear(_WeightOnlyLinear):
         self.pack()
         if self._packed is None:
             return None
+        if isinstance(self._packed, OrtInt4Matmul):
+            return self._packed(x2)
         # only the bf16 variant of this kernel is vectorised (fp32 measured 40x slower): cast around it
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self._packed, self.group_size, self._scales_zeros)
         return out.to(x2.dtype)
