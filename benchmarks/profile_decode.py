@@ -14,6 +14,7 @@ import argparse
 import time
 
 MATMUL_OPS = ("quantized::linear_dynamic", "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::addmm",
+              "onnxruntime::MatMulNBits",
               "aten::mm", "aten::linear")
 
 

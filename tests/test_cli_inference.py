@@ -148,3 +148,20 @@ def test_bad_images_through_the_real_command(saved, bad_images):
     assert out.stdout.count("tinygptv> ") == 1  # the red image is still the one talked about
     out = _run("chat", str(bad_images / "empty.png"), "--model", str(root / "model"), stdin="/quit\n")
     assert out.returncode == 2 and "the file is empty" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("kernel", ["torch", "onnxruntime"])
+def test_bench_json_has_the_documented_fields(kernel, monkeypatch):
+    """`tinygptv bench --json` on the tiny preset: one JSON object with the issue's fields, positive
+    figures, and the int4 kernel it ran (a tiny LM reads well under 1 MB a token: the limit is still
+    computed, not divided by a rounded zero)."""
+    monkeypatch.setenv("TINYGPTV_INT4_KERNEL", kernel)
+    out = _run("bench", "--preset", "tinygptv-tiny", "--quantize", "int4", "--threads", "1",
+               "--new-tokens", "2", "--text-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    required = {"preset", "quantize", "encode_s", "ttft_s", "decode_tok_s", "peak_rss_gb", "baseline_decode_tok_s",
+                "bandwidth_gbs", "limit_decode_tok_s"}
+    assert required <= set(data)
+    assert data["preset"] == "tinygptv-tiny" and data["quantize"] == "int4" and data["int4_kernel"] == kernel
+    assert data["decode_tok_s"] > 0 and data["limit_decode_tok_s"] > 0 and data["peak_rss_gb"] > 0

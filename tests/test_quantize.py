@@ -42,10 +42,11 @@ def test_kernel_equals_matmul_with_dequantized_weights(cls, dtype):
     assert ((got.float() - expected).norm() / expected.norm()).item() < bound
 
 
-@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_kernel_layout_replaces_the_codes_and_converts_back(cls):
+@pytest.mark.parametrize("cls,kernel", [(Int8Linear, "torch"), (Int4Linear, "torch"), (Int4Linear, "onnxruntime")])
+def test_kernel_layout_replaces_the_codes_and_converts_back(cls, kernel, monkeypatch):
     """After the first CPU call the codes live only in the kernel's layout (no second copy of the
     weights); the state dict, dequantize and a device move still see the portable codes."""
+    monkeypatch.setenv("TINYGPTV_INT4_KERNEL", kernel)
     layer = _linear(k=256, n=192)
     q = cls.from_linear(layer)
     state = {k: v.clone() for k, v in q.state_dict().items()}
@@ -341,11 +342,13 @@ def test_onnxruntime_int4_computes_our_format_and_keeps_no_reference_to_its_inpu
 
 
 def test_int4_kernel_choice_follows_the_environment(monkeypatch):
-    """TINYGPTV_INT4_KERNEL picks the kernel a layer packs for; both give the same answers to within
+    """TINYGPTV_INT4_KERNEL picks the kernel a layer packs for (torch's by default); both give the same answers to within
     their activation rounding; a group size MatMulNBits does not take falls back to torch's kernel;
     an unknown name is an error naming the variable."""
     from tinygptv.quantize import INT4_KERNEL_ENV, OrtInt4Matmul, int4_cpu_kernel
 
+    monkeypatch.delenv(INT4_KERNEL_ENV, raising=False)
+    assert int4_cpu_kernel() == "torch"
     layer = _linear(k=256, n=96)
     x = torch.randn(4, 256)
     outputs = {}

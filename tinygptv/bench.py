@@ -181,7 +181,8 @@ def measure(preset: str, mode: str, new_tokens: int = 32, text_tokens: int = 40,
             result.update(_time_hf_generate(model.lm, embeds, new_tokens, result["encode_s"]))
         else:
             result.update(_time_stream(model.lm, embeds, new_tokens, result["encode_s"]))
-    result["lm_gb_per_token"] = round(lm_bytes_per_token(model) / 1e9, 3)
+    result["lm_bytes_per_token"] = lm_bytes_per_token(model)
+    result["lm_gb_per_token"] = round(result["lm_bytes_per_token"] / 1e9, 3)
     result["peak_rss_gb"] = round(peak_rss_gb(), 2)
     return result
 
@@ -258,6 +259,8 @@ def bench(preset: str, quantize: str | None, new_tokens: int = 32, text_tokens: 
     float32 activations (what ``load_model`` sets up on a CPU)."""
     import torch
 
+    from tinygptv.quantize import int4_cpu_kernel
+
     if threads:
         torch.set_num_threads(threads)
     mode = quantize or "bf16"  # "fp32" runs everything in float32
@@ -268,6 +271,7 @@ def bench(preset: str, quantize: str | None, new_tokens: int = 32, text_tokens: 
         "preset": preset,
         "quantize": quantize,
         "dtype": "bfloat16" if mode == "bf16" else "float32",
+        "int4_kernel": int4_cpu_kernel() if mode == "int4" else None,
         "threads": torch.get_num_threads(),
         "encode_s": row["encode_s"],
         "prefill_s": row["prefill_s"],
@@ -279,6 +283,6 @@ def bench(preset: str, quantize: str | None, new_tokens: int = 32, text_tokens: 
         "baseline_peak_rss_gb": base["peak_rss_gb"],
         "bandwidth_gbs": round(bandwidth, 1),
         "lm_gb_per_token": row["lm_gb_per_token"],
-        "limit_decode_tok_s": round(bandwidth / row["lm_gb_per_token"], 1),
+        "limit_decode_tok_s": round(bandwidth * 1e9 / row["lm_bytes_per_token"], 1),
         "speedup_vs_baseline": round(row["decode_tok_s"] / base["baseline_decode_tok_s"], 2),
     }

@@ -13,11 +13,22 @@ VNNI but no AMX and no avx512_bf16; ms per decoder layer, 1 token / 73 tokens)::
     int4, ``aten._weight_int4pack_mm_for_cpu``, fp32 in                180 / 11800 (not vectorised)
     fp32 ``F.linear`` (MKL)                                            12  /  68
 
+and on a 2-core AMD EPYC with AVX2 only (no AVX-512, no VNNI), ``benchmarks/bench_int4_kernels.py``
+(16 layers with distinct weights, so from memory; ms per decoder layer, 1 token / 73 tokens)::
+
+    int8, fbgemm dynamic                                               2.7 /  37   <- int8
+    int4, ``aten._weight_int4pack_mm_for_cpu``, bf16 in                6.6 / 154   <- int4 (default)
+    int4, onnxruntime ``MatMulNBits``, int8 activations per group     2.4 /  72   <- int4 (OrtInt4Matmul)
+
+onnxruntime's kernel is faster but holds more memory; torch's is the default, onnxruntime's is
+``TINYGPTV_INT4_KERNEL=onnxruntime`` (:data:`INT4_KERNEL_ENV`).
+
 fbgemm quantizes the activations too (per tensor, 8 bits; 7 on CPUs without VNNI), which is what
 makes it fast (int8 dot products) and is the one approximation beyond the weights' rounding: ~1% of
 a layer's output on random data, more where a few input channels are much larger than the rest (for
-weight-only int8 run the model in bf16, which takes the int8pack kernel); the int4
-kernel only exists vectorised for bf16 activations, so Int4Linear casts to bf16 around it. Everything
+weight-only int8 run the model in bf16, which takes the int8pack kernel); torch's int4
+kernel only exists vectorised for bf16 activations, so Int4Linear casts to bf16 around it, and
+onnxruntime's rounds them to int8 per group of the input (:class:`OrtInt4Matmul`). Everything
 outside these matmuls runs in the model's float dtype, so the norms TinyGPT-V adds (QK LayerNorm,
 post-attention RMSNorm) are computed exactly as in the float model. torchao 0.18's wrappers of the
 same aten kernels were slow in eager mode or wrong under ``torch.compile`` here (PLATFORM-NOTES).
@@ -167,9 +178,12 @@ def _needs_reduced_range() -> bool:
 
 
 INT4_KERNEL_ENV = "TINYGPTV_INT4_KERNEL"
-"""Environment variable that picks the int4 CPU kernel: ``onnxruntime``, ``torch`` or ``auto`` (the
-default: onnxruntime where it is installed). Read when a layer is packed, so a benchmark can set it
-per process and compare the two."""
+"""Environment variable that picks the int4 CPU kernel: ``torch`` (the default) or ``onnxruntime``
+(``pip install 'tinygptv[onnxruntime]'``). Read when a layer is packed, so a benchmark can set it
+per process and compare the two. At Phi-2 size on a 2-core AVX2 CPU (``tinygptv bench``), the
+onnxruntime kernel decodes 1.4-1.6x as fast and prefills 1.5-2x as fast, but holds ~0.6 GB more
+(its packed weights carry fp32 scales and block sums beside the codes): 4.6 GB peak against 3.9.
+int4 is the choice for memory, so torch's kernel is the default."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -183,15 +197,14 @@ def _onnxruntime_available() -> bool:
 
 
 def int4_cpu_kernel() -> str:
-    """The int4 CPU kernel packing will use now: ``"onnxruntime"`` or ``"torch"`` (see
+    """The int4 CPU kernel packing will use now: ``"torch"`` or ``"onnxruntime"`` (see
     :data:`INT4_KERNEL_ENV`)."""
-    choice = os.environ.get(INT4_KERNEL_ENV, "auto").strip().lower() or "auto"
-    if choice not in ("auto", "onnxruntime", "torch"):
-        raise ValueError(f"{INT4_KERNEL_ENV}={choice!r}: expected auto, onnxruntime or torch")
+    choice = os.environ.get(INT4_KERNEL_ENV, "torch").strip().lower() or "torch"
+    if choice not in ("torch", "onnxruntime"):
+        raise ValueError(f"{INT4_KERNEL_ENV}={choice!r}: expected torch or onnxruntime")
     if choice == "onnxruntime" and not _onnxruntime_available():
-        raise ImportError(f"{INT4_KERNEL_ENV}=onnxruntime, but onnxruntime / onnx are not installed")
-    if choice == "auto":
-        return "onnxruntime" if _onnxruntime_available() else "torch"
+        raise ImportError(f"{INT4_KERNEL_ENV}=onnxruntime, but onnxruntime / onnx are not installed "
+                          "(pip install 'tinygptv[onnxruntime]')")
     return choice
 
 
@@ -202,10 +215,10 @@ class OrtInt4Matmul:
     less its float ``zero``; the zero's share, ``sum_g zero[n, g] * sum_{i in g} x[i]``, is a small
     (M, G) x (G, N) matmul in the same graph. ``accuracy_level=4`` makes MLAS round the activations
     to int8 per group of the input (symmetric, per block: finer than fbgemm's per-tensor rounding)
-    and use int8 dot products. Measured at Phi-2's shapes, one token, 2 threads, all 4 matmuls of a
-    decoder layer with distinct weights (so from memory, not cache): 2.5 ms per layer against
-    7.6 ms for ``aten._weight_int4pack_mm_for_cpu`` and 2.6 ms for fbgemm's int8 (``benchmarks/
-    bench_int4_kernels.py``).
+    and use int8 dot products. Measured at Phi-2's shapes, one token, 2 threads, the six Linear
+    layers of a decoder layer, 16 layers with distinct weights (so from memory, not cache): 2.4 ms
+    per layer against 6.6 ms for ``aten._weight_int4pack_mm_for_cpu`` and 2.7 ms for fbgemm's
+    int8 (``benchmarks/bench_int4_kernels.py``, a 2-core AVX2 AMD EPYC).
 
     The codes, scales and zeros are handed to onnxruntime as external initializers (no copy), and
     its kernels pre-pack them into their own layout at session creation; onnxruntime then releases
@@ -213,6 +226,8 @@ class OrtInt4Matmul:
     after packing and checks the results do not change). :meth:`codes` recovers the portable codes
     from the session (for saving after inference) by multiplying identity rows.
     """
+
+    PROFILER_NAME = "onnxruntime::MatMulNBits"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, threads: int | None = None):
         import onnx
@@ -278,7 +293,8 @@ class OrtInt4Matmul:
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         """(M, K) -> (M, N), in ``x2``'s dtype (computed from float32)."""
         a = x2.detach().to(torch.float32).contiguous().numpy()
-        out = torch.from_numpy(self._session.run(None, {"A": a})[0])
+        with torch.profiler.record_function(self.PROFILER_NAME):  # so that profiles show the matmul
+            out = torch.from_numpy(self._session.run(None, {"A": a})[0])
         return out.to(x2.dtype)
 
     @torch.no_grad()
