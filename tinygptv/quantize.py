@@ -230,7 +230,6 @@ class OrtInt4Matmul:
     PROFILER_NAME = "onnxruntime::MatMulNBits"
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, threads: int | None = None):
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
@@ -283,7 +282,6 @@ class OrtInt4Matmul:
         values = [ort.OrtValue.ortvalue_from_numpy(arrays[name]) for name in ("B", "S", "Zt")]
         options.add_external_initializers(["B", "S", "Zt"], values)
         self._session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        del onnx  # imported for its protobuf classes only
 
     @staticmethod
     def takes(group_size: int) -> bool:
