@@ -338,6 +338,9 @@ def test_onnxruntime_int4_computes_our_format_and_keeps_no_reference_to_its_inpu
         held.fill_(7)
     assert torch.equal(kernel(x), got)
     assert torch.equal(kernel.codes(q.scale, q.zero), q.qweight)
+    before = q.weight_nbytes()
+    q._packed = kernel  # the bytes read per call count the fp32 scales and zeros onnxruntime holds
+    assert q.weight_nbytes() == before + 96 * (256 // 32) * 4
     assert got.dtype == torch.float32 and kernel(x.bfloat16()).dtype == torch.bfloat16
 
 

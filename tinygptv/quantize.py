@@ -427,8 +427,10 @@ class Int4Linear(_WeightOnlyLinear):
         return ((q - 8) * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
 
     def weight_nbytes(self) -> int:
-        """Bytes of weights read per forward: the codes and the kernel's bf16 scales and zeros."""
-        return self.out_features * self.in_features // 2 + self.out_features * (self.in_features // self.group_size) * 4
+        """Bytes of weights read per forward: the codes, and the scales and zeros as the kernel holds
+        them (bf16 for torch's kernel; fp32 for onnxruntime's, which keeps them so)."""
+        per_group = 8 if isinstance(self._packed, OrtInt4Matmul) else 4
+        return self.out_features * self.in_features // 2 + self.out_features * (self.in_features // self.group_size) * per_group
 
     def _scale_zero_now(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, G) scale and zero, wherever they live now."""
