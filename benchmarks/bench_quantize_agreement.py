@@ -7,7 +7,8 @@ WORLD is a shapes world (`tinygptv data make-shapes WORLD`, or the `world/` fold
 `tinygptv recipe micro` run). The model answers every question of the split in fp32, then with its
 language model quantized to int8 and to int4 (the same greedy protocol as `tinygptv eval shapes`),
 and the script prints, per mode and task, the share of answers identical to fp32 (the target is
->= 98 %) and each mode's own accuracy.
+>= 98 %) and each mode's own accuracy. On a GPU (``--device cuda``) the quantized modes run through
+bitsandbytes (:mod:`tinygptv.quantize_bnb`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="questions per task (default: all)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--modes", nargs="+", default=["fp32", "int8", "int4"],
+        help="the first is the reference; fp32 / bf16 / fp16 run unquantized, int8 / int4 quantize the LM",
+    )  # fmt: skip
+    p.add_argument("--dtype", default=None, help="float dtype of the quantized runs (default: fp32 on the CPU, bf16 on CUDA)")
+    p.add_argument(
+        "--quantize-backend", default="auto", choices=["auto", "tinygptv", "bitsandbytes"],
+        help="auto: bitsandbytes on CUDA, tinygptv's own layers on the CPU",
+    )  # fmt: skip
     args = p.parse_args(argv)
 
     import torch
@@ -34,18 +45,23 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     runs = {}
-    for mode in (None, "int8", "int4"):
-        model = load_model(args.model, device="cpu", quantize=mode)
+    for mode in args.modes:
+        if mode in ("int8", "int4"):
+            model = load_model(args.model, args.device, args.dtype, quantize=mode, quantize_backend=args.quantize_backend)
+        else:
+            model = load_model(args.model, args.device, mode)
         start = time.perf_counter()
         summary = evaluate_shapes(
             model, args.data, [args.split], args.tasks, limit=args.limit, batch_size=args.batch_size, return_predictions=True
         )
-        runs[mode or "fp32"] = summary
-        print(f"{mode or 'fp32'}: {time.perf_counter() - start:.1f} s", flush=True)
+        runs[mode] = summary
+        print(f"{mode}: {time.perf_counter() - start:.1f} s", flush=True)
+        del model
 
-    reference = runs["fp32"]["predictions"]
-    print(f"\nmodel: {args.model or 'built-in'}; split {args.split}; torch threads {args.threads}")
-    print("| mode | task | n | answers identical to fp32 (%) | accuracy (%) |")
+    first = args.modes[0]
+    reference = runs[first]["predictions"]
+    print(f"\nmodel: {args.model or 'built-in'}; split {args.split}; device {args.device}; torch threads {args.threads}")
+    print(f"| mode | task | n | answers identical to {first} (%) | accuracy (%) |")
     print("|---|---|---|---|---|")
     for mode, summary in runs.items():
         for task in args.tasks:

@@ -1,6 +1,6 @@
-"""Peak memory of a stage-4 training step at real TinyGPT-V size (Phi-2), measured on the CPU.
+"""Peak memory of a stage-4 training step at real TinyGPT-V size (Phi-2), on the CPU or a GPU.
 
-    python benchmarks/bench_train_memory.py [--image-size 448] [--text-tokens 256 1024] [--steps 2]
+    python benchmarks/bench_train_memory.py [--image-size 448] [--text-tokens 256 1024] [--steps 2] [--device cuda]
 
 The paper says TinyGPT-V trains on one 24 GB RTX 3090. This script builds the real-size model with
 random weights through the trainer's own ``setup`` (frozen parts in bf16, trainable parts in fp32,
@@ -8,7 +8,7 @@ the language model's activations checkpointed), runs ``train_step`` on batches o
 and N text tokens, and samples the process's resident memory every few milliseconds. The second
 step is the steady state (the first one also allocates AdamW's moments).
 
-From the CPU figures it estimates a GPU's: the bytes the step holds on top of the process's
+With ``--device cuda`` it measures the GPU's peak directly. From the CPU figures it estimates a GPU's: the bytes the step holds on top of the process's
 libraries, plus a CUDA context. The CPU runs attention without a fused kernel, so its activation
 peak is an upper bound of a GPU's with a memory-efficient one.
 """
@@ -100,7 +100,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="steps per text length; the last is reported")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every activation (for comparison)")
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"],
+        help="cuda: run the step on the GPU and report its measured peak (torch.cuda.max_memory_allocated)",
+    )  # fmt: skip
     args = parser.parse_args()
+    cuda = args.device == "cuda"
 
     from tinygptv.train import setup, train_step
     from tinygptv.train_config import load_train_config
@@ -113,7 +118,7 @@ def main() -> None:
             "stage=4", "model=tinygptv-phi2", "model_overrides={tokenizer: null}", f"image_size={args.image_size}",
             f"batch_size={args.batch_size}", "precision=bf16", f"gradient_checkpointing={not args.no_checkpointing}",
             f"out_dir={out_dir}", "tensorboard=false", "progress=false", "epochs=1", "iters_per_epoch=1000",
-            "schedule.warmup_steps=10", "schedule.peak_lr=1e-5", "schedule.min_lr=8e-6",
+            "schedule.warmup_steps=10", "schedule.peak_lr=1e-5", "schedule.min_lr=8e-6", f"device={args.device}",
         ],
     )  # fmt: skip
     start = time.perf_counter()
@@ -127,9 +132,12 @@ def main() -> None:
         f"model: {config.model} stage 4, {args.image_size} px, batch {args.batch_size}, bf16 frozen + fp32 trainable, "
         f"gradient checkpointing {'off' if args.no_checkpointing else 'on'}, {torch.get_num_threads()} threads"
     )
-    print(
-        f"  CPU bf16 matmul hardware (AMX / AVX512-BF16): {'yes' if cpu_has_bf16() else 'no: bf16 is emulated, step times are slow'}"
-    )
+    if cuda:
+        print(f"  GPU: {torch.cuda.get_device_name()}; weights and optimizer on it: {torch.cuda.memory_allocated() / GB:.2f} GB")
+    else:
+        print(
+            f"  CPU bf16 matmul hardware (AMX / AVX512-BF16): {'yes' if cpu_has_bf16() else 'no: bf16 is emulated, step times are slow'}"
+        )
     print(f"  built in {time.perf_counter() - start:.0f} s, peak while building {build.peak / GB:.2f} GB RSS")
     print(
         f"  frozen weights {frozen / GB:.2f} GB; trainable {trainable / 1e6:.1f} M parameters = "
@@ -140,10 +148,25 @@ def main() -> None:
     for text_tokens in args.text_tokens:
         run.stream = run.batches = FixedBatches(run.module, text_tokens, args.batch_size)
         for step in range(args.steps):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with PeakRSS() as peak:
                 result = train_step(run)
+            if cuda:
+                torch.cuda.synchronize()
             seconds = time.perf_counter() - start
+        if cuda:
+            allocated, reserved = torch.cuda.max_memory_allocated() / GB, torch.cuda.max_memory_reserved() / GB
+            seq = 1 + run.module.num_image_tokens + text_tokens
+            print(f"\n  {text_tokens} text tokens ({seq} with the image's): step {seconds:.2f} s, loss {result.loss:.3f}")
+            print(
+                f"    measured on the GPU: peak allocated {allocated:.2f} GB, reserved by the caching allocator "
+                f"{reserved:.2f} GB (+ CUDA context) -> {'fits' if reserved + CUDA_CONTEXT_GB < 24 else 'does NOT fit'} "
+                f"a 24 GB GPU"
+            )
+            continue
         held = peak.peak - baseline  # model, optimizer state, gradients, activations
         gpu = held / GB + CUDA_CONTEXT_GB
         seq = 1 + run.module.num_image_tokens + text_tokens

@@ -228,7 +228,7 @@ def _time_hf_generate(lm, embeds, new_tokens: int, encode_s: float) -> dict:
     """The same through transformers' ``generate(inputs_embeds=...)``: the baseline."""
     import torch
 
-    mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
 
     def hf(k):
         t = time.perf_counter()

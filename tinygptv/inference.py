@@ -45,6 +45,33 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+QUANT_BACKENDS = ("auto", "tinygptv", "bitsandbytes")
+
+
+def resolve_quant_backend(backend: str | None, device) -> str:
+    """``"tinygptv"`` or ``"bitsandbytes"``; ``"auto"`` / None: bitsandbytes on CUDA, ours elsewhere."""
+    if backend in (None, "auto"):
+        return "bitsandbytes" if str(device or "cpu").startswith("cuda") else "tinygptv"
+    if backend not in QUANT_BACKENDS:
+        raise ValueError(f"unknown quantization backend {backend!r}; choose one of {', '.join(QUANT_BACKENDS)}")
+    return backend
+
+
+def apply_bnb_quantization(net, quantize: str, device) -> None:
+    """Quantize a float model's language model with bitsandbytes onto ``device``, one layer at a
+    time (LoRA merged first), then move the rest of the model there (:mod:`tinygptv.quantize_bnb`)."""
+    from .quantize import QUANT_MODES, release_freed_memory
+    from .quantize_bnb import quantize_language_model_bnb
+
+    if quantize not in QUANT_MODES:
+        raise ValueError(f"unknown quantization {quantize!r}; choose one of {', '.join(QUANT_MODES)}")
+    if net.config.lora.enabled:
+        net.merge_lora()
+    quantize_language_model_bnb(net, quantize, device)
+    net.to(device)
+    release_freed_memory()
+
+
 def apply_quantization(net, quantize: str | None, source: str = "the model") -> None:
     """Quantize a loaded model's language model in place (``None``: leave it as saved). LoRA is
     merged first; a model saved quantized must be asked for in its own mode (or ``None``).
@@ -88,6 +115,7 @@ def load_model(
     dtype: str | None = None,
     quantize: str | None = None,
     offline: bool | None = None,
+    quantize_backend: str = "auto",
 ):
     """A :class:`~tinygptv.TinyGPTV` ready for inference.
 
@@ -96,6 +124,8 @@ def load_model(
     merged first). A directory saved quantized (``tinygptv quantize``) loads as it is, without
     re-quantizing. Quantized models on the CPU in fp32 also get int8 dynamic quantization of the
     vision encoder and Q-Former, where int8 pays (see :func:`tinygptv.quantize.quantize_vision_dynamic`).
+    On CUDA, ``quantize`` uses bitsandbytes (:mod:`tinygptv.quantize_bnb`; ``quantize_backend``
+    chooses explicitly).
     """
     import torch
 
@@ -107,5 +137,7 @@ def load_model(
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     source = builtin_model_dir() if model in (None, "builtin") else model
-    net = TinyGPTV.from_pretrained(source, device=device, dtype=torch_dtype, offline=offline, quantize=quantize)
+    net = TinyGPTV.from_pretrained(
+        source, device=device, dtype=torch_dtype, offline=offline, quantize=quantize, quantize_backend=quantize_backend
+    )
     return net.eval()

@@ -12,6 +12,10 @@ def add_model_options(p) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     g.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on CUDA, fp32 on CPU)")
     g.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization of the LM")
+    g.add_argument(
+        "--quantize-backend", choices=["auto", "tinygptv", "bitsandbytes"], default="auto",
+        help="who quantizes: tinygptv's int8/int4 CPU kernels or bitsandbytes (default auto: bitsandbytes on CUDA)",
+    )  # fmt: skip
     g.add_argument("--offline", action="store_true", default=None, help="never reach the Hub; use the local cache only")
     g.add_argument("--template", default="stage4", help="prompt template (stage4, stage3, stage4-instruct)")
 
@@ -40,4 +44,5 @@ def sampling_kwargs(args) -> dict:
 def load_model_from_args(args):
     from ..inference import load_model
 
-    return load_model(args.model, args.device, args.dtype, args.quantize, args.offline)
+    backend = getattr(args, "quantize_backend", "auto")
+    return load_model(args.model, args.device, args.dtype, args.quantize, args.offline, quantize_backend=backend)

@@ -352,6 +352,12 @@ class TinyGPTV(nn.Module):
         """
         from .weights import save_pretrained
 
+        if any(type(m).__module__.startswith("bitsandbytes") for m in self.modules()):
+            raise ValueError(
+                "this model's language model was quantized by bitsandbytes, which our format does not store: "
+                "save the float model (bitsandbytes quantizes while loading), or our int8 / int4 layers with "
+                "`tinygptv quantize`"
+            )
         if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in self.modules()):
             raise ValueError(
                 "this model's vision encoder was quantized dynamically for inference (load_model(quantize=...)); "
@@ -361,19 +367,42 @@ class TinyGPTV(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id=None, device=None, dtype=None, offline=None, revision=None, verify=False, quantize=None
+        cls,
+        path_or_hub_id=None,
+        device=None,
+        dtype=None,
+        offline=None,
+        revision=None,
+        verify=False,
+        quantize=None,
+        quantize_backend="auto",
     ):
         """Load our format from a local directory or a hub id (memory-mapped; ``load_report`` says
         what came from where); no path: the built-in model. ``quantize``: ``"int8"`` / ``"int4"``
         quantizes the language model's weights after loading (LoRA merged first); a model saved
-        quantized loads as it is."""
-        from ..inference import apply_quantization, builtin_model_dir
+        quantized loads as it is. ``quantize_backend``: ``"tinygptv"`` (our int8 / int4 layers and
+        CPU kernels), ``"bitsandbytes"`` (LLM.int8() / NF4, :mod:`tinygptv.quantize_bnb`) or
+        ``"auto"``: bitsandbytes on CUDA for a float model, ours elsewhere."""
+        from ..inference import apply_bnb_quantization, apply_quantization, builtin_model_dir, resolve_quant_backend
         from .weights import load_pretrained
 
         source = builtin_model_dir() if path_or_hub_id is None else path_or_hub_id
-        model, report = load_pretrained(source, device, dtype, offline, revision, verify)
+        backend = resolve_quant_backend(quantize_backend, device) if quantize is not None else None
+        # bitsandbytes quantizes each layer on its way to the device, so the float model loads on the host
+        model, report = load_pretrained(source, "cpu" if backend == "bitsandbytes" else device, dtype, offline, revision, verify)
         model.load_report = report
-        if quantize is not None or model.config.quantization.language_model is not None:
+        saved_mode = model.config.quantization.language_model
+        if backend == "bitsandbytes" and saved_mode is not None:
+            if quantize_backend == "bitsandbytes":
+                raise ValueError(
+                    f"{source} holds tinygptv {saved_mode} weights; bitsandbytes quantizes float models: "
+                    "load this one with quantize_backend='tinygptv', or quantize the float model"
+                )
+            backend = "tinygptv"
+            model.to(device or "cpu")
+        if backend == "bitsandbytes":
+            apply_bnb_quantization(model, quantize, device or "cpu")
+        elif quantize is not None or saved_mode is not None:
             apply_quantization(model, quantize, str(source))
         return model
 
