@@ -152,16 +152,18 @@ def test_bad_images_through_the_real_command(saved, bad_images):
 
 @pytest.mark.parametrize("kernel", ["torch", "onnxruntime"])
 def test_bench_json_has_the_documented_fields(kernel, monkeypatch):
-    """`tinygptv bench --json` on the tiny preset: one JSON object with the issue's fields, positive
-    figures, and the int4 kernel it ran (a tiny LM reads well under 1 MB a token: the limit is still
-    computed, not divided by a rounded zero)."""
+    """`tinygptv bench --json` on the micro preset: one JSON object with the issue's fields, positive
+    figures, the int4 kernel it ran, and its LM's layers really quantized (a small preset is built
+    as one piece) (a micro LM reads well under 1 MB a token: the limit is still computed, not
+    divided by a rounded zero)."""
     monkeypatch.setenv("TINYGPTV_INT4_KERNEL", kernel)
-    out = _run("bench", "--preset", "tinygptv-tiny", "--quantize", "int4", "--threads", "1",
+    out = _run("bench", "--preset", "tinygptv-micro", "--quantize", "int4", "--threads", "1",
                "--new-tokens", "2", "--text-tokens", "4", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout.strip().splitlines()[-1])
     required = {"preset", "quantize", "encode_s", "ttft_s", "decode_tok_s", "peak_rss_gb", "baseline_decode_tok_s",
                 "bandwidth_gbs", "limit_decode_tok_s"}
     assert required <= set(data)
-    assert data["preset"] == "tinygptv-tiny" and data["quantize"] == "int4" and data["int4_kernel"] == kernel
+    assert data["preset"] == "tinygptv-micro" and data["quantize"] == "int4" and data["int4_kernel"] == kernel
+    assert data["quantized_linears"] == 4 * 6 + 1  # every decoder projection and the LM head
     assert data["decode_tok_s"] > 0 and data["limit_decode_tok_s"] > 0 and data["peak_rss_gb"] > 0

@@ -387,3 +387,89 @@ def test_int4_kernel_benchmark_runs(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("int")]
     assert [" ".join(r[:2]) for r in rows] == ["int8 fbgemm", "int4 torch", "int4 onnxruntime"]
     assert all(float(r[3]) > 0 for r in rows)
+
+
+def _micro_int4_model():
+    from tinygptv.testing import word_tokenizer
+
+    torch.manual_seed(0)
+    cfg = get_preset("tinygptv-micro").replace(**{"language.vocab_size": 128})
+    model = TinyGPTV(cfg, tokenizer=word_tokenizer()).eval()
+    model.merge_lora()
+    return quantize_language_model(model, "int4")
+
+
+def test_onnxruntime_fuses_the_layers_that_share_an_input(monkeypatch):
+    """With onnxruntime's kernel, q, k, v and fc1 of each Phi layer (all read the input LayerNorm's
+    output) run as one MatMulNBits call: the same logits as four calls, in prefill and in cached
+    decoding; the state dict still holds each layer's own codes; a move unfuses; torch's kernel
+    does not fuse."""
+    import copy
+
+    from tinygptv.quantize import INT4_KERNEL_ENV, SharedInputGroup, _FusedSlice, fuse_shared_inputs, pack_for_cpu
+
+    monkeypatch.setenv(INT4_KERNEL_ENV, "torch")
+    assert fuse_shared_inputs(_micro_int4_model().lm) == 0
+    monkeypatch.setenv(INT4_KERNEL_ENV, "onnxruntime")
+    fused = _micro_int4_model()
+    separate = copy.deepcopy(fused)
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    for m in separate.lm.modules():
+        if isinstance(m, Int4Linear):
+            m.pack()  # one onnxruntime call per layer
+    nbytes = sum(m.weight_nbytes() for m in separate.lm.modules() if isinstance(m, Int4Linear))
+    pack_for_cpu(fused.lm)
+    layers = fused.lm.model.layers
+    for layer in layers:
+        members = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.fc1]
+        assert all(isinstance(m._packed, _FusedSlice) and m.qweight is None for m in members)
+        assert len({id(m._packed.group) for m in members}) == 1
+        assert isinstance(layer.self_attn.dense._packed, type(separate.lm.model.layers[0].self_attn.dense._packed))
+    assert sum(m.weight_nbytes() for m in fused.lm.modules() if isinstance(m, Int4Linear)) == nbytes
+    ids = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, got = separate(ids).logits, fused(ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-6
+    group: SharedInputGroup = layers[0].mlp.fc1._packed.group
+    assert group._cache is None  # every member took its columns: nothing held between steps
+    prompts = ["what color", "where is"]
+    assert fused.generate([None, None], prompts, max_new_tokens=5, template=None) == separate.generate(
+        [None, None], prompts, max_new_tokens=5, template=None
+    )
+    after = fused.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+    fused.to(torch.float32)  # a move unfuses: each layer holds its own codes again
+    assert all(not isinstance(m._packed, _FusedSlice) for m in fused.lm.modules() if isinstance(m, Int4Linear))
+    assert torch.equal(layers[0].self_attn.q_proj.qweight, state["language_model.model.layers.0.self_attn.q_proj.qweight"])
+
+
+def test_a_fused_member_called_with_a_new_input_recomputes(monkeypatch):
+    """A member recognises the shared input by identity: another tensor, even one with the same
+    values and shape, is computed afresh, and a member called twice on one input is too."""
+    from tinygptv.quantize import INT4_KERNEL_ENV, SharedInputGroup
+
+    monkeypatch.setenv(INT4_KERNEL_ENV, "onnxruntime")
+    layers = [Int4Linear.from_linear(_linear(k=128, n=n, seed=n), group_size=32) for n in (32, 48)]
+    xs = [torch.randn(3, 128, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    expected = [[x @ layer.dequantize().t() + layer.bias for layer in layers] for x in xs]
+    SharedInputGroup(layers)
+    for x, want in zip(xs, expected):
+        a = layers[0](x)
+        assert torch.allclose(layers[0](x), a)  # the same member again: recomputed, same values
+        b = layers[1](x.clone())  # equal values, another tensor: recomputed
+        for got, ref in ((a, want[0]), (b, want[1])):
+            assert ((got - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_int4_fusion_benchmark_runs(capsys, monkeypatch):
+    from conftest import load_benchmark
+
+    monkeypatch.setenv("TINYGPTV_INT4_KERNEL", "onnxruntime")
+    bench = load_benchmark("bench_int4_fusion")
+    assert bench.main(["--preset", "tinygptv-micro", "--rounds", "2", "--new-tokens", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    import json
+
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) == {"separate", "fused"} and all(v["median_decode_tok_s"] > 0 for v in summary.values())
+    assert "fused: 3 groups" in out  # tinygptv-micro: four decoder layers, the first one int8

@@ -92,19 +92,23 @@ def materialise(preset: str, mode: str):
             for p in [*piece.parameters(recurse=recurse), *piece.buffers(recurse=recurse)]:
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
-        if quantized and recurse:
-            lm_prefix = "language_model."
-            if name.startswith(lm_prefix):
-                inner = name[len(lm_prefix):]
-                names = [n for n in lm_linears if n == inner or n.startswith(inner + ".")]
+        if quantized and recurse:  # a small preset is one piece (name ""), a large one many
+            lm = "language_model"
+            if name in ("", lm) or name.startswith(lm + "."):
+                inner = name[len(lm) + 1 :]
+                names = [n for n in lm_linears if not inner or n == inner or n.startswith(inner + ".")]
                 quantize_linear_layers(model.lm, names, mode, int8_names=int8_linears)
-                pack_for_cpu(model.lm.get_submodule(inner))  # not `piece`: a Linear piece has been replaced
-                if piece is model.lm.get_input_embeddings():
+                if any(m is model.lm.get_input_embeddings() for m in piece.modules()):
                     store_token_embedding_in_bf16(model.lm)
+            if name == "":
+                quantize_dynamic_linears(model.vision)
+                quantize_dynamic_linears(model.qformer)
             elif name.startswith(("vision.", "qformer.")) or name in ("vision", "qformer"):
                 quantize_dynamic_linears(piece)
         del piece
         release_freed_memory()
+    if quantized:  # once every piece exists: layers that share an input may be fused across pieces
+        pack_for_cpu(model.lm)
     rebuild_buffers(model, "cpu")
     return model.eval()
 
@@ -181,6 +185,9 @@ def measure(preset: str, mode: str, new_tokens: int = 32, text_tokens: int = 40,
             result.update(_time_hf_generate(model.lm, embeds, new_tokens, result["encode_s"]))
         else:
             result.update(_time_stream(model.lm, embeds, new_tokens, result["encode_s"]))
+    from tinygptv.quantize import _WeightOnlyLinear
+
+    result["quantized_linears"] = sum(isinstance(m, _WeightOnlyLinear) for m in model.lm.modules())
     result["lm_bytes_per_token"] = lm_bytes_per_token(model)
     result["lm_gb_per_token"] = round(result["lm_bytes_per_token"] / 1e9, 3)
     result["peak_rss_gb"] = round(peak_rss_gb(), 2)
@@ -283,6 +290,7 @@ def bench(preset: str, quantize: str | None, new_tokens: int = 32, text_tokens: 
         "baseline_peak_rss_gb": base["peak_rss_gb"],
         "bandwidth_gbs": round(bandwidth, 1),
         "lm_gb_per_token": row["lm_gb_per_token"],
+        "quantized_linears": row["quantized_linears"],
         "limit_decode_tok_s": round(bandwidth * 1e9 / row["lm_bytes_per_token"], 1),
         "speedup_vs_baseline": round(row["decode_tok_s"] / base["baseline_decode_tok_s"], 2),
     }

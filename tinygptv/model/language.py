@@ -82,6 +82,10 @@ class TinyGPTVPhiConfig(PhiConfig):
 
 
 class TinyGPTVPhiDecoderLayer(PhiDecoderLayer):
+    SHARED_INPUT_LINEARS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"),)
+    """Linear layers that read the same tensor (the input LayerNorm's output): a quantized model
+    may run each group as one matmul (:func:`tinygptv.quantize.fuse_shared_inputs`)."""
+
     def __init__(self, config: TinyGPTVPhiConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         # TinyGPT-V: RMSNorm on the attention output (LLaMA style: weight only, computed in fp32).
@@ -202,6 +206,11 @@ class TinyGPTVLlamaAttention(LlamaAttention):
 
 
 class TinyGPTVLlamaDecoderLayer(LlamaDecoderLayer):
+    SHARED_INPUT_LINEARS = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    )
+
     def __init__(self, config: TinyGPTVLlamaConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)
         self.hidden_size = config.hidden_size
