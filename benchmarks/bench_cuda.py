@@ -38,6 +38,7 @@ def build_on_device(preset: str, dtype, device: str = "cuda", seed: int = 0):
     import torch
 
     from tinygptv import TinyGPTV
+    from tinygptv.bench import fill_random_
     from tinygptv.config import get_preset
     from tinygptv.model.weights import rebuild_buffers
 
@@ -50,12 +51,7 @@ def build_on_device(preset: str, dtype, device: str = "cuda", seed: int = 0):
             for pname, p in list(module.named_parameters(recurse=False)):
                 full = f"{name}.{pname}" if name else pname
                 data = torch.empty(p.shape, dtype=torch.float32, device=device)
-                if p.ndim > 1 or "embedding" in full or "query_tokens" in full:
-                    data.normal_(0, 0.02, generator=g)
-                elif pname.endswith("weight"):
-                    data.fill_(1.0)
-                else:
-                    data.zero_()
+                fill_random_(full, data, g)
                 module._parameters[pname] = torch.nn.Parameter(data.to(dtype), requires_grad=False)
             for bname, b in list(module._buffers.items()):
                 if b is not None and not b.is_meta:

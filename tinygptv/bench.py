@@ -45,6 +45,17 @@ def _pieces(module, prefix=""):
     return pieces
 
 
+def fill_random_(name: str, tensor, generator) -> None:
+    """The benchmarks' random weights, in place: N(0, 0.02) for matrices, embeddings and query
+    tokens, 1 for (norm) weights, 0 for biases."""
+    if tensor.ndim > 1 or "embedding" in name or "query_tokens" in name:
+        tensor.normal_(0, 0.02, generator=generator)
+    elif name.endswith("weight"):
+        tensor.fill_(1.0)
+    else:
+        tensor.zero_()
+
+
 def materialise(preset: str, mode: str):
     """The preset with LoRA merged away, random weights, set up for ``mode``; built piece by piece."""
     import torch
@@ -83,12 +94,7 @@ def materialise(preset: str, mode: str):
                     module._buffers[bname] = torch.empty(b.shape, dtype=b.dtype, device="meta")
         with torch.no_grad():
             for pname, p in piece.named_parameters(recurse=recurse):
-                if p.ndim > 1 or "embedding" in pname or "query_tokens" in pname:
-                    p.normal_(0, 0.02, generator=g)
-                elif pname.endswith("weight"):
-                    p.fill_(1.0)
-                else:
-                    p.zero_()
+                fill_random_(pname, p, g)
             for p in [*piece.parameters(recurse=recurse), *piece.buffers(recurse=recurse)]:
                 if p.is_floating_point():
                     p.data = p.data.to(dtype)
