@@ -57,7 +57,7 @@ def test_bitsandbytes_replaces_the_decoder_linears_and_stays_close(saved_float_m
     assert cosine.min().item() >= gate, cosine
 
 
-def test_bitsandbytes_greedy_answers_follow_the_float_model(saved_float_model):
+def test_bitsandbytes_greedy_answers_follow_the_float_model(saved_float_model, caplog):
     """generate() runs through the bitsandbytes layers (KV cache, batching) and, at int8 on a
     random model, picks the float model's greedy tokens."""
     model, path = saved_float_model
@@ -66,8 +66,10 @@ def test_bitsandbytes_greedy_answers_follow_the_float_model(saved_float_model):
     images = [torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     prompts = ["what color is the circle", "where is the red square"]
     expected = model.generate(images, prompts, max_new_tokens=6)
-    got = q.generate(images, prompts, max_new_tokens=6)
+    with caplog.at_level("WARNING"):
+        got = q.generate(images, prompts, max_new_tokens=6)
     assert got == expected and any(expected)
+    assert not [r for r in caplog.records if "MatMul8bitLt" in r.getMessage()]  # no notice per layer per step
 
 
 def test_bitsandbytes_models_are_not_saved_in_our_format(saved_float_model, tmp_path):

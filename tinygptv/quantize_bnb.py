@@ -26,6 +26,8 @@ while loading, in seconds) or, for a file that loads pre-quantized, our own int8
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -33,6 +35,19 @@ INT8_THRESHOLD = 6.0
 """LLM.int8()'s outlier threshold (bitsandbytes' and transformers' default)."""
 
 INT4_QUANT_TYPE = "nf4"
+
+
+class _DropFp16CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast from")
+
+
+def _quiet_fp16_cast_notice() -> None:
+    """LLM.int8() computes in fp16 by design, and bitsandbytes logs so on every call with bf16 or
+    fp32 inputs (a warning per layer per step in a chat); drop that one message."""
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropFp16CastNotice) for f in logger.filters):
+        logger.addFilter(_DropFp16CastNotice())
 
 
 def bitsandbytes_available() -> bool:
@@ -78,7 +93,7 @@ def bnb_linear(linear: nn.Linear, mode: str, device: str | torch.device, compute
             compute_dtype=compute_dtype, compress_statistics=True, quant_type=INT4_QUANT_TYPE, device="meta",
         )
         new.weight = bnb.nn.Params4bit(
-            weight, requires_grad=False, compress_statistics=True, quant_type=INT4_QUANT_TYPE
+            weight, requires_grad=False, compress_statistics=True, quant_type=INT4_QUANT_TYPE, module=new
         )
     else:
         raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
@@ -100,6 +115,8 @@ def quantize_language_model_bnb(
     if any(".lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("merge LoRA into the base weights (model.merge_lora()) before quantizing")
     compute_dtype = compute_dtype or model.lm_proj.weight.dtype
+    if mode == "int8":
+        _quiet_fp16_cast_notice()
     lm = model.lm
     for name in language_model_linear_names(lm, include_lm_head=False):
         parent_name, _, child = name.rpartition(".")
