@@ -758,18 +758,27 @@ def quantize_linear_layers(
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
     int8 = set(int8_names)
+
+    def make(name: str, linear: nn.Linear) -> nn.Module:
+        if mode == "int8" or name in int8:
+            return Int8Linear.from_linear(linear)
+        return Int4Linear.from_linear(linear, int4_group_size(linear.in_features, group_size))
+
+    return replace_linear_layers(root, names, make)
+
+
+def replace_linear_layers(root: nn.Module, names: Iterable[str], make: Callable[[str, nn.Linear], nn.Module]) -> nn.Module:
+    """Replace each Linear layer ``names`` of ``root`` by ``make(name, linear)``, one at a time,
+    collecting garbage after each (:func:`release_freed_memory`) so that the float weights go as
+    their replacements come."""
     for name in list(names):
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
         linear = getattr(parent, child)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear (is LoRA still unmerged?)")
-        if mode == "int8" or name in int8:
-            new = Int8Linear.from_linear(linear)
-        else:
-            new = Int4Linear.from_linear(linear, int4_group_size(linear.in_features, group_size))
-        setattr(parent, child, new)
-        del linear, new
+        setattr(parent, child, make(name, linear))
+        del linear
         release_freed_memory()
     return root
 

@@ -69,12 +69,8 @@ def _require_bitsandbytes():
     return bnb
 
 
-def is_bnb_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("bitsandbytes")
-
-
 def has_bnb_layers(root: nn.Module) -> bool:
-    return any(is_bnb_module(m) for m in root.modules())
+    return any(type(m).__module__.startswith("bitsandbytes") for m in root.modules())
 
 
 def bnb_linear(linear: nn.Linear, mode: str, device: str | torch.device, compute_dtype: torch.dtype) -> nn.Module:
@@ -110,22 +106,14 @@ def quantize_language_model_bnb(
     ones on ``device``, one at a time (the model itself may stay where it is; move it afterwards).
     LoRA must be merged first. ``compute_dtype``: the float dtype the model runs in (default: the
     dtype of its weights)."""
-    from .quantize import language_model_linear_names, release_freed_memory
+    from .quantize import language_model_linear_names, replace_linear_layers
 
     if any(".lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("merge LoRA into the base weights (model.merge_lora()) before quantizing")
     compute_dtype = compute_dtype or model.lm_proj.weight.dtype
     if mode == "int8":
         _quiet_fp16_cast_notice()
-    lm = model.lm
-    for name in language_model_linear_names(lm, include_lm_head=False):
-        parent_name, _, child = name.rpartition(".")
-        parent = lm.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{name} is a {type(linear).__name__}, not an nn.Linear")
-        setattr(parent, child, bnb_linear(linear, mode, device, compute_dtype))
-        del linear
-        release_freed_memory()
+    names = language_model_linear_names(model.lm, include_lm_head=False)
+    replace_linear_layers(model.lm, names, lambda _, linear: bnb_linear(linear, mode, device, compute_dtype))
     model.quantization_backend = f"bitsandbytes-{mode}"
     return model

@@ -350,9 +350,10 @@ class TinyGPTV(nn.Module):
         ``trainable_only`` keeps only what trains (projections, LM norms, LoRA) and records where the
         frozen parts come from (``base``: our format's path / hub id, or ``Ingredients``).
         """
+        from ..quantize_bnb import has_bnb_layers
         from .weights import save_pretrained
 
-        if any(type(m).__module__.startswith("bitsandbytes") for m in self.modules()):
+        if has_bnb_layers(self):
             raise ValueError(
                 "this model's language model was quantized by bitsandbytes, which our format does not store: "
                 "save the float model (bitsandbytes quantizes while loading), or our int8 / int4 layers with "
