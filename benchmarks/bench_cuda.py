@@ -14,7 +14,8 @@ last-token logits' cosine similarity to bf16 on the same weights and inputs (the
 
 ``train``: the tiny model's trainer on the GPU, a few steps each in fp32, bf16 and fp16 (the
 gradient scaler), against the same run in fp32 on the CPU: fp32 on the GPU must match the CPU's
-losses (1e-4), and the mixed-precision runs must stay finite and close to them.
+losses (1e-4), and the mixed-precision runs must stay finite and close to them (fp16: the steps
+its scaler skipped are counted, and fewer than half may be).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ import time
 from pathlib import Path
 
 GB = 1024**3
+MODES = ("bf16", "fp16", "int8", "int4")
 FP32_LOSS_TOLERANCE = 1e-4  # fp32 on the GPU against the CPU (TF32 off: PyTorch's default for matmuls)
-MIXED_LOSS_TOLERANCE = 0.05  # bf16 / fp16 autocast against fp32, over the tiny run's 10 steps
+FIRST_STEP_TOLERANCE = 0.05  # bf16 / fp16 against fp32 at step 1: the forward pass, before any update
+MIXED_LOSS_TOLERANCE = 0.1  # bf16 against fp32 over the tiny run's 10 steps (losses ~4.8)
+# fp16 is not held to MIXED_LOSS_TOLERANCE: its gradient scaler skips the first steps whose
+# gradients overflow (logged with an infinite norm), so it trails fp32 by those updates.
 
 
 def build_on_device(preset: str, dtype, device: str = "cuda", seed: int = 0):
@@ -117,7 +122,9 @@ class GpuMemory:
         return self.torch.cuda.max_memory_allocated() / GB if self.cuda else 0.0
 
 
-def infer_mode(preset: str, mode: str, new_tokens: int, device: str, reference=None) -> tuple[dict, "object"]:
+def infer_mode(
+    preset: str, mode: str, new_tokens: int, device: str, reference=None, profile_dir: Path | None = None
+) -> tuple[dict, "object"]:
     """One precision: speed, memory and last-token logits (returned for the cosine)."""
     import torch
     import torch.nn.functional as F
@@ -145,6 +152,8 @@ def infer_mode(preset: str, mode: str, new_tokens: int, device: str, reference=N
         logits = model.lm(inputs_embeds=embeds, use_cache=False).logits[0, -1].float()
         if mode == "bf16":
             row.update(_time_hf_generate(model.lm, embeds, new_tokens, row["encode_s"]))
+            if profile_dir is not None:
+                profile_decode(model.lm, embeds, profile_dir)
     row["peak_gb"] = round(memory.peak(), 2)
     if reference is not None:
         row["cosine_to_bf16"] = round(F.cosine_similarity(logits, reference, dim=0).item(), 5)
@@ -154,18 +163,43 @@ def infer_mode(preset: str, mode: str, new_tokens: int, device: str, reference=N
     return row, logits
 
 
+def profile_decode(lm, embeds, out_dir: Path, steps: int = 16) -> None:
+    """torch.profiler over ``steps`` decode steps of our loop and of transformers' ``generate``: the
+    top operators by host time, and a Chrome trace of each in ``out_dir`` (chrome://tracing)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tinygptv.generate import SamplingParams, new_cache, stream_tokens
+
+    mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    loops = {
+        "ours": lambda n: list(stream_tokens(lm, embeds, new_cache(lm), SamplingParams(max_new_tokens=n), [])),
+        "transformers": lambda n: lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=n,
+                                              min_new_tokens=n, do_sample=False, pad_token_id=0),
+    }  # fmt: skip
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if embeds.is_cuda else [])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, loop in loops.items():
+        loop(4)
+        with profile(activities=activities) as prof:
+            loop(steps)
+        prof.export_chrome_trace(str(out_dir / f"decode-{name}.json"))
+        print(f"\n### profile of {steps} tokens, {name}")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+
+
 def device_name(device: str) -> str:
     import torch
 
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
 
 
-def part_infer(preset: str, new_tokens: int, device: str) -> dict:
+def part_infer(preset: str, new_tokens: int, device: str, modes=MODES, profile_dir: Path | None = None) -> dict:
     print(f"\n## inference, {preset}, random weights, {device_name(device)}", flush=True)
     rows, reference = [], None
-    for mode in ("bf16", "fp16", "int8", "int4"):
+    for mode in ["bf16"] + [m for m in modes if m != "bf16"]:  # bf16 first: the reference and the baseline
         try:
-            row, logits = infer_mode(preset, mode, new_tokens, device, reference)
+            row, logits = infer_mode(preset, mode, new_tokens, device, reference, profile_dir)
         except Exception as e:  # report and go on: one failing mode must not hide the others
             row, logits = {"mode": mode, "error": f"{type(e).__name__}: {e}"[:500]}, None
         if mode == "bf16":
@@ -199,13 +233,14 @@ def part_train(device: str) -> dict:
     variants = [("cpu-fp32", "cpu", "fp32"), (f"{kind}-fp32", device, "fp32"), (f"{kind}-bf16", device, "bf16")]
     if kind == "cuda":
         variants.append(("cuda-fp16", device, "fp16"))  # fp16 (the gradient scaler) needs CUDA
-    runs = {}
+    runs, norms = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, where, precision in dict.fromkeys(variants):
             out = Path(tmp) / name
             try:
                 train(tiny_config(out, {"device": where, "precision": precision, "deterministic": False}))
                 runs[name] = losses(out)
+                norms[name] = losses(out, "grad_norm")
             except Exception as e:
                 runs[name] = {"error": f"{type(e).__name__}: {e}"[:500]}
             print(name, json.dumps(runs[name]), flush=True)
@@ -216,10 +251,18 @@ def part_train(device: str) -> dict:
             continue
         diffs = [abs(got[s] - ref[s]) for s in ref if s in got]
         worst = max(diffs) if diffs else float("inf")
+        first = abs(got[min(ref)] - ref[min(ref)]) if min(ref) in got else float("inf")
         finite = all(math.isfinite(v) for v in got.values())
-        bound = FP32_LOSS_TOLERANCE if name.endswith("fp32") else MIXED_LOSS_TOLERANCE
-        summary[name] = {"steps": len(diffs), "max_abs_diff_to_cpu_fp32": worst, "all_finite": finite,
-                         "ok": finite and len(diffs) == len(ref) and worst <= bound}  # fmt: skip
+        skipped = sum(not math.isfinite(v) for v in norms[name].values())
+        if name.endswith("fp32"):
+            ok = worst <= FP32_LOSS_TOLERANCE
+        elif name.endswith("fp16"):
+            ok = first <= FIRST_STEP_TOLERANCE and skipped <= len(ref) // 2
+        else:
+            ok = first <= FIRST_STEP_TOLERANCE and worst <= MIXED_LOSS_TOLERANCE
+        summary[name] = {"steps": len(diffs), "max_abs_diff_to_cpu_fp32": worst, "first_step_diff": first,
+                         "skipped_steps": skipped, "all_finite": finite,
+                         "ok": finite and len(diffs) == len(ref) and ok}  # fmt: skip
     print(json.dumps(summary, indent=1))
     return {"runs": runs, "summary": summary}
 
@@ -231,6 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu (only checks that it runs)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="inference precisions (bf16 always runs)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="profile bf16 decoding (ours and transformers' generate): operator tables, Chrome traces in DIR")  # fmt: skip
     args = p.parse_args(argv)
 
     import torch
@@ -249,7 +295,8 @@ def main(argv=None) -> int:
     if "train" in args.parts:
         results["train"] = part_train(args.device)
     if "infer" in args.parts:
-        results["infer"] = part_infer(args.preset, args.new_tokens, args.device)
+        profile_dir = Path(args.profile) if args.profile else None
+        results["infer"] = part_infer(args.preset, args.new_tokens, args.device, args.modes, profile_dir)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -2,10 +2,15 @@
 GPU, loading and answering on the GPU, bitsandbytes int8 / int4. Skipped without a GPU (CI has
 none); run them on a GPU machine with ``pytest tests/test_cuda.py``."""
 
+import math
+
 import pytest
 import torch
 
 from train_helpers import losses, tiny_config
+
+from tinygptv import TinyGPTV
+from tinygptv.config import get_preset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -27,12 +32,26 @@ def test_fp32_on_the_gpu_follows_the_cpu(tmp_path):
     assert max(abs(gpu[s] - cpu[s]) for s in cpu) < 1e-4
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_trains_close_to_fp32(tmp_path, precision):
+def test_bf16_trains_close_to_fp32(tmp_path):
     fp32 = _train(tmp_path / "fp32", {"precision": "fp32"})
-    mixed = _train(tmp_path / precision, {"precision": precision})
-    assert all(torch.isfinite(torch.tensor(v)) for v in mixed.values())
-    assert max(abs(mixed[s] - fp32[s]) for s in fp32) < 0.05
+    bf16 = _train(tmp_path / "bf16", {"precision": "bf16"})
+    assert all(math.isfinite(v) for v in bf16.values())
+    # On an H200: 0.035 apart at step 1, before any update (the frozen weights are stored in bf16),
+    # at most 0.068 over the 10 steps (losses ~4.8).
+    assert abs(bf16[1] - fp32[1]) < 0.05
+    assert max(abs(bf16[s] - fp32[s]) for s in fp32) < 0.1
+
+
+def test_fp16_trains_through_the_gradient_scaler(tmp_path):
+    fp32 = _train(tmp_path / "fp32", {"precision": "fp32"})
+    fp16 = _train(tmp_path / "fp16", {"precision": "fp16"})
+    norms = losses(tmp_path / "fp16", "grad_norm")
+    assert all(math.isfinite(v) for v in fp16.values())
+    assert abs(fp16[1] - fp32[1]) < 0.05  # the forward pass, before any update
+    # The scaler starts at 2**16 and skips the steps whose gradients overflow (logged with an
+    # infinite norm) while it halves; then it must settle and the steps be taken.
+    skipped = [s for s, n in norms.items() if not math.isfinite(n)]
+    assert len(skipped) <= len(norms) // 2 and math.isfinite(norms[max(norms)])
 
 
 def test_fp16_uses_the_gradient_scaler_and_keeps_master_weights_fp32(tmp_path):
@@ -43,6 +62,23 @@ def test_fp16_uses_the_gradient_scaler_and_keeps_master_weights_fp32(tmp_path):
     step = train_step(run)
     assert torch.isfinite(torch.tensor(step.loss)) and run.scaler.get_scale() > 0
     assert all(p.dtype == torch.float32 and p.is_cuda for p in run.trainable)
+
+
+def test_random_weights_drawn_on_the_gpu(tmp_path):
+    from tinygptv.train import setup, train_step
+
+    run = setup(tiny_config(tmp_path / "run", {"device": "cuda"}), init_device="cuda")
+    assert all(p.is_cuda for p in run.module.parameters())
+    assert math.isfinite(train_step(run).loss)
+
+
+def test_bitsandbytes_int8_quantizes_a_model_already_on_the_gpu():
+    from tinygptv.quantize_bnb import quantize_language_model_bnb
+
+    model = TinyGPTV(get_preset("tinygptv-micro").replace(**{"lora.enabled": False})).to("cuda").eval()
+    quantize_language_model_bnb(model, "int8", "cuda")
+    weight = model.lm.model.layers[0].self_attn.q_proj.weight
+    assert weight.dtype == torch.int8 and weight.is_cuda
 
 
 def test_checkpoint_rng_state_restores_the_cuda_generator():

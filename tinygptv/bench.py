@@ -226,7 +226,9 @@ def _time_stream(lm, embeds, new_tokens: int, encode_s: float) -> dict:
     from tinygptv.generate import SamplingParams, new_cache, stream_tokens
 
     one = SamplingParams(max_new_tokens=1)
-    list(stream_tokens(lm, embeds, new_cache(lm), one, []))  # warm-up (also packs the quantized weights)
+    # Warm-up, prefill and two decode steps: packs quantized weights, and on a GPU loads the kernels of
+    # both shapes (a first call of a CUDA kernel loads its module: seconds, which would count as decode).
+    list(stream_tokens(lm, embeds, new_cache(lm), SamplingParams(max_new_tokens=3), []))
     t = time.perf_counter()
     list(stream_tokens(lm, embeds, new_cache(lm), one, []))
     prefill = time.perf_counter() - t

@@ -139,8 +139,8 @@ def stream_tokens(
         yield tid
         if step + 1 == params.max_new_tokens:
             return
-        pos = torch.tensor([[cache.get_seq_length()]], device=inputs_embeds.device)
-        logits = lm(input_ids=token[:, None], use_cache=True, position_ids=pos, **cache_arg).logits
+        positions = positions[:, -1:] + 1  # on the device: no host-to-device copy per token
+        logits = lm(input_ids=token[:, None], use_cache=True, position_ids=positions, **cache_arg).logits
 
 
 def new_cache(lm) -> DynamicCache:

@@ -78,6 +78,9 @@ def bnb_linear(linear: nn.Linear, mode: str, device: str | torch.device, compute
     bnb = _require_bitsandbytes()
     weight = linear.weight.detach().to(compute_dtype)
     if mode == "int8":
+        # Int8Params quantizes only on a move from the host: a weight already on the GPU would stay
+        # in 16 bits (bitsandbytes 0.50), so it goes through host memory first.
+        weight = weight.cpu()
         new = bnb.nn.Linear8bitLt(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             has_fp16_weights=False, threshold=INT8_THRESHOLD, device="meta",
