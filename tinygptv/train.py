@@ -396,8 +396,15 @@ def init_distributed(device: str | None) -> Dist:
     return Dist(dist.get_rank(), world_size, local_rank, torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_all: bool = False) -> None:
+    """Leave the ``torchrun`` job. ``wait_for_all`` (after a run that ended normally on every rank):
+    meet the other ranks first, so that none tears gloo's connections down while another still
+    finishes its last collective or checkpoint (a rank of a 2-process FSDP test once aborted at exit,
+    "terminate called without an active exception"). Not after an error: a rank that failed alone
+    would leave the others waiting."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

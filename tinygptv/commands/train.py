@@ -88,6 +88,7 @@ def run(args) -> int:
             out = train(config, resume=resume)
             if main_process:
                 print(f"stage {config.stage} done: {out}")
+        shutdown_distributed(wait_for_all=True)
     except (TrainingStopped, DataError) as err:
         if main_process:
             print(f"tinygptv train: stopped: {err}", file=sys.stderr)

@@ -146,13 +146,15 @@ def create_demo(
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05, label="temperature (0 = greedy)")
         inputs = [question, image, conversation, chatbot, max_tokens, temperature]
         outputs = [conversation, chatbot, boxes, question]
+        # One queue for every event, answers and image / clear resets alike: they run in the order the
+        # page sent them, so a reset sent before a question cannot land after its answer and wipe it.
         events = {"concurrency_limit": 1, "concurrency_id": "model"}
         ask.click(handler(None), inputs, outputs, **events)
         question.submit(handler(None), inputs, outputs, **events)
         for task, button in task_buttons.items():
             button.click(handler(task), inputs, outputs, **events)
-        image.change(new_image, [image], [conversation, chatbot, boxes])
-        reset.click(clear, [conversation], [conversation, chatbot, boxes])
+        image.change(new_image, [image], [conversation, chatbot, boxes], **events)
+        reset.click(clear, [conversation], [conversation, chatbot, boxes], **events)
     demo.queue(max_size=64)
     return demo
 
