@@ -212,9 +212,23 @@ def test_quality_gate_on_last_token_logits(mode, gate):
     with torch.no_grad():
         ref = model(ids, pixel_values=pixels).logits[0, -1]
         quantize_language_model(model, mode)
-        quantize_vision_dynamic(model)
+        quantize_vision_dynamic(model, min_width=0)  # this model is narrower than where int8 pays
         got = model(ids, pixel_values=pixels).logits[0, -1]
     assert torch.nn.functional.cosine_similarity(got, ref, dim=0).item() >= gate
+
+
+def test_vision_int8_only_where_it_pays():
+    from tinygptv.quantize import VISION_INT8_MIN_WIDTH, quantize_vision_dynamic
+
+    def dynamic(part):
+        return sum(type(m).__module__.startswith("torch.ao.nn.quantized") for m in part.modules())
+
+    model = _float_model()
+    assert model.config.vision.hidden_size < VISION_INT8_MIN_WIDTH
+    quantize_vision_dynamic(model)
+    assert dynamic(model.vision) == dynamic(model.qformer) == 0
+    quantize_vision_dynamic(model, min_width=0)
+    assert dynamic(model.vision) > 0 and dynamic(model.qformer) > 0
 
 
 def test_unmerged_lora_is_refused():
@@ -272,14 +286,16 @@ def test_load_model_quantizes_vision_dynamically_on_cpu(tmp_path):
     from tinygptv.testing import word_tokenizer
 
     torch.manual_seed(0)
-    cfg = get_preset("tinygptv-micro").replace(**{"language.vocab_size": 128})
-    model = TinyGPTV(cfg, tokenizer=word_tokenizer()).eval()
+    # the micro preset, widened to where int8 pays for the vision side (VISION_INT8_MIN_WIDTH)
+    wide = {"language.vocab_size": 128, "vision.hidden_size": 256, "qformer.hidden_size": 256}
+    model = TinyGPTV(get_preset("tinygptv-micro").replace(**wide), tokenizer=word_tokenizer()).eval()
     model.save_pretrained(tmp_path / "f")
     pixels = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         reference = model.encode_images(pixels)
     q = load_model(tmp_path / "f", device="cpu", quantize="int8")
     assert not any(isinstance(m, nn.Linear) for m in q.vision.modules())
+    assert not any(isinstance(m, nn.Linear) for m in q.qformer.modules())
     assert all(m._packed is not None for m in q.lm.modules() if isinstance(m, Int8Linear))  # packed up front
     with torch.no_grad():
         got = q.encode_images(pixels)
