@@ -890,9 +890,9 @@ def quantize_vision_dynamic(model, min_width: int = VISION_INT8_MIN_WIDTH) -> No
     machine. Applied at load time from float weights (its packed format is not a safetensors
     tensor), one block at a time.
     """
-    widths = {id(model.vision): model.config.vision.hidden_size, id(model.qformer): model.config.qformer.hidden_size}
-    for part in (model.vision, model.qformer):
-        if widths[id(part)] < min_width:
+    parts = ((model.vision, model.config.vision.hidden_size), (model.qformer, model.config.qformer.hidden_size))
+    for part, width in parts:
+        if width < min_width:
             continue
         for blocks in [m for m in part.modules() if isinstance(m, nn.ModuleList)]:
             for block in blocks:
