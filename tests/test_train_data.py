@@ -108,3 +108,23 @@ def test_image_feature_cache_looks_up_repeats_and_refuses_a_trainable_encoder():
         model.encode_images(images)
     with pytest.raises(ValueError, match="at least one image"):
         ImageFeatureCache(0)
+
+
+def test_shapes_ratios_override_the_worlds_mix(world, tmp_path):
+    """``data.ratios`` re-weights named sets of a shapes stage (the rest keep the world's ratios);
+    a name that is not a set of the stage is refused before training."""
+    from tinygptv.data.shapes import STAGE4_RATIOS
+    from tinygptv.stages import get_stage
+    from tinygptv.train import build_model, build_stream
+
+    settings = {"stage": 4, "data": {"kind": "shapes", "root": str(world), "max_length": 120,
+                                     "ratios": {"shapes_refer": 0, "shapes_vqa": 60}}}  # fmt: skip
+    cfg = tiny_config(tmp_path / "run", settings)
+    model = build_model(cfg, get_stage(4))
+    mixture = build_stream(cfg, model, 0, 1).mixture
+    assert mixture.ratios == {**STAGE4_RATIOS, "shapes_refer": 0.0, "shapes_vqa": 60.0}
+    drawn = {mixture.locate(k)[0] for k in range(200)}
+    assert "shapes_refer" not in drawn and "shapes_vqa" in drawn
+    cfg.data.ratios = {"shapes_nope": 1.0}
+    with pytest.raises(ValueError, match=r"data.ratios names \['shapes_nope'\], not sets of stage 4"):
+        build_stream(cfg, model, 0, 1)

@@ -165,6 +165,10 @@ def build_stream(config: TrainConfig, model: TinyGPTV, rank: int, world_size: in
         if data.root is None:
             raise ValueError("data.kind shapes needs data.root: a world made by `tinygptv data make-shapes`")
         sources, ratios = shapes_sources(data.root, config.stage, split="train" if train else "val")
+        unknown = sorted(set(data.ratios) - set(ratios))
+        if unknown:
+            raise ValueError(f"data.ratios names {unknown}, not sets of stage {config.stage}: {sorted(ratios)}")
+        ratios.update(data.ratios)
     elif data.kind == "mix":
         entries = data.datasets if train else data.val_datasets
         if not entries:

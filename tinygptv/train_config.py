@@ -44,6 +44,9 @@ class DataConfig:
     so that config files never hold absolute paths."""
     datasets: dict[str, MixEntry] = field(default_factory=dict)
     """``mix``: the stage's data mix, dataset name -> ratio, reader and its arguments."""
+    ratios: dict[str, float] = field(default_factory=dict)
+    """``shapes``: sampling weights that replace the world's own for the named sets of the stage
+    (e.g. ``{shapes_refer: 25}``; :data:`~tinygptv.data.shapes.STAGE4_RATIOS`); the others keep theirs."""
     val_datasets: dict[str, MixEntry] = field(default_factory=dict)
     """``mix``: held-out datasets that ``validate`` scores (needed when ``val_batches`` > 0)."""
     template: str | None = None
