@@ -500,6 +500,50 @@ def test_a_resumed_recipe_skips_finished_phases_and_writes_the_same_model(toy_ru
     assert hashes(out / "model") == hashes(done / "model")
 
 
+def test_reuse_takes_the_phases_whose_settings_match_and_reruns_the_rest(toy_run, tmp_path):
+    import dataclasses
+    import json
+
+    from tinygptv.recipes.micro import reuse_phases
+
+    done, _ = toy_run
+
+    def started(log: list[str]) -> list[str]:
+        return [m.split(" (")[0][3:] for m in log if m.startswith("== ") and " done in " not in m]
+
+    # the same recipe: every phase before the stages is taken; the stages give the same model
+    logged: list[str] = []
+    same = run_micro_recipe(tmp_path / "same", toy_recipe(), stage_overrides=TOY_STAGES, evaluate_stages=False,
+                            log=logged.append, reuse=done)  # fmt: skip
+    assert started(logged) == ["stage 1", "stage 2", "stage 3", "stage 4", "package"]
+    assert all(same["phases"][p]["reused_from"] == str(done) for p in ("world", "tokenizer", "language model", "vision", "base"))
+    assert same["pretrain_loss"] == json.loads((done / "report.json").read_text())["pretrain_loss"]
+
+    def hashes(folder):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    assert hashes(tmp_path / "same" / "model") == hashes(done / "model")
+
+    # another vision setting: the world, tokenizer and LM are taken; vision, base and stages run
+    recipe = toy_recipe()
+    recipe.vision = dataclasses.replace(recipe.vision, steps=2)
+    logged = []
+    other = run_micro_recipe(tmp_path / "vision", recipe, stage_overrides=TOY_STAGES, evaluate_stages=False,
+                             log=logged.append, reuse=done)  # fmt: skip
+    assert started(logged) == ["vision", "base", "stage 1", "stage 2", "stage 3", "stage 4", "package"]
+    assert "reused_from" in other["phases"]["language model"] and "reused_from" not in other["phases"]["vision"]
+    assert hashes(tmp_path / "vision" / "lm") == hashes(done / "lm")
+    assert hashes(tmp_path / "vision" / "vision") != hashes(done / "vision")
+    assert "(reused from" in (tmp_path / "vision" / "report.md").read_text()
+
+    # another seed changes the world: nothing is taken; an existing run is not overwritten
+    assert reuse_phases(done, tmp_path / "seed", toy_recipe(seed=1)) == []
+    with pytest.raises(ValueError, match="already holds a recipe run"):
+        reuse_phases(done, tmp_path / "same", toy_recipe())
+    with pytest.raises(ValueError, match="not both"):
+        run_micro_recipe(tmp_path / "both", toy_recipe(), reuse=done, resume=True)
+
+
 def test_attention_loss_rewards_looking_at_the_objects_patches():
     from tinygptv.recipes.pretrain import GROUP, SCENE_OBJECTS, VisionHeads
 

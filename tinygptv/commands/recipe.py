@@ -35,6 +35,12 @@ def register(subparsers) -> None:
         help="continue a run that stopped in --out: finished phases are loaded, a cut-short stage continues from its "
         "last checkpoint (same recipe settings required; the model is the one an uninterrupted run writes)",
     )
+    p.add_argument(
+        "--reuse", default=None, metavar="RUN",
+        help="take the finished phases of an earlier run (its --out) that this recipe would repeat exactly "
+        "(world, tokenizer, language model, vision, base, in order, up to the first whose settings differ) "
+        "instead of rerunning them; the stages always run",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
     p.add_argument("--progress", action="store_true", help="progress bars during the stages")
     p.add_argument(
@@ -78,5 +84,6 @@ def run(args) -> int:
         progress=args.progress,
         log=print,
         resume=args.resume,
+        reuse=args.reuse,
     )
     return 0

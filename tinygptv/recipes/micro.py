@@ -554,8 +554,13 @@ def run_micro_recipe(
     progress: bool = False,
     log: Logger = print,
     resume: bool = False,
+    reuse: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run every phase into ``out`` (which must not hold an earlier run) and return the report.
+
+    ``reuse``: an earlier run whose finished phases this recipe would repeat exactly are taken
+    from it instead of rerun (:func:`reuse_phases`): an experiment on the stages, or on the vision
+    pretraining, starts where its settings first differ.
 
     ``resume=True`` continues a run that stopped (killed, crashed) in ``out``: the phases its
     ``report.json`` records as finished are loaded from their files instead of rerun, a stage that was
@@ -576,6 +581,12 @@ def run_micro_recipe(
             )
     out = Path(out)
     configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
+    if reuse is not None:
+        if resume:
+            raise ValueError("--reuse starts a new run from an earlier one's phases; --resume continues a run: not both")
+        taken = reuse_phases(reuse, out, recipe)
+        log(f"reusing from {reuse}: {', '.join(taken) if taken else 'no phase (the first one differs or did not finish)'}")
+        resume = bool(taken)
     if (out / "report.json").exists():
         if not resume:
             raise ValueError(f"{out} already holds a recipe run (report.json); choose another --out, or --resume it")
@@ -588,6 +599,72 @@ def run_micro_recipe(
         mp.start_processes(_recipe_process, args=(recipe.processes, _free_port(), args), nprocs=recipe.processes, start_method="spawn")
         return json.loads((out / "report.json").read_text())
     return _run_recipe(*args)
+
+
+PHASE_FOLDERS = {"world": "world", "tokenizer": "tokenizer", "language model": "lm", "vision": "vision", "base": "base"}
+"""The phases before the stages, in order, and the folder of ``--out`` each writes."""
+PHASE_SETTINGS = {
+    "world": ("seed", "world_images"),
+    "tokenizer": ("vocab_size", "template_tokens", "lm_documents"),
+    "language model": ("lm", "threads", "processes"),
+    "vision": ("vision", "conv_stem"),
+    "base": ("calibrated_norms",),
+}
+"""The recipe settings each phase reads (besides what the phases before it made). A setting of
+:class:`MicroRecipe` named nowhere here, other than the evaluations', counts for every phase."""
+_STAGE_ONLY_SETTINGS = ("eval_limit", "eval_batch_size")
+
+
+def reuse_phases(source: str | Path, out: str | Path, recipe: MicroRecipe) -> list[str]:
+    """Start run ``out`` with the finished phases of run ``source`` that ``recipe`` would repeat.
+
+    Phases are taken in order (world, tokenizer, language model, vision, base) while each is
+    finished in ``source`` and ran with the same settings (:data:`PHASE_SETTINGS`, compared as
+    ``source``'s ``report.json`` recorded them); the first that differs, and every phase after it,
+    runs anew. The taken phases' folders are hard-linked into ``out`` (copied across file systems)
+    and their report entries marked ``reused_from``. The stages always run anew. Returns the
+    phases taken; ``out`` is then continued as by ``--resume``."""
+    from ..train import flatten_dotted as flat
+
+    source, out = Path(source), Path(out)
+    if not (source / "report.json").is_file():
+        raise FileNotFoundError(f"{source} is not a recipe run (no report.json)")
+    if (out / "report.json").exists():
+        raise ValueError(f"{out} already holds a recipe run; --reuse starts a new one")
+    ran_report = json.loads((source / "report.json").read_text())
+    default = flat(json.loads(json.dumps(MicroRecipe().to_dict())))
+    ran = flat(ran_report.get("recipe", {}))
+    wanted = flat(json.loads(json.dumps(recipe.to_dict())))
+    named = {key for keys in PHASE_SETTINGS.values() for key in keys} | set(_STAGE_ONLY_SETTINGS)
+    unnamed = {key.split(".")[0] for key in wanted} - named
+
+    def differs(key: str) -> bool:
+        return any(
+            ran.get(k, default[k]) != v for k, v in wanted.items() if k == key or k.startswith(key + ".")
+        )
+
+    report = Report(out, recipe)
+    taken: list[str] = []
+    for name, folder in PHASE_FOLDERS.items():
+        keys = PHASE_SETTINGS[name] + (tuple(unnamed) if name == "world" else ())
+        if name not in ran_report.get("phases", {}) or not (source / folder).is_dir() or any(map(differs, keys)):
+            break
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(source / folder, out / folder, copy_function=os.link)
+        except OSError:  # another file system: copy
+            shutil.rmtree(out / folder, ignore_errors=True)
+            shutil.copytree(source / folder, out / folder)
+        report.data["phases"][name] = {**ran_report["phases"][name], "reused_from": str(source)}
+        taken.append(name)
+    if "tokenizer" in taken and "tokenizer" in ran_report:
+        report.data["tokenizer"] = ran_report["tokenizer"]
+    losses = {k: v for k, v in ran_report.get("pretrain_loss", {}).items() if k in taken}
+    if losses:
+        report.data["pretrain_loss"] = losses
+    if taken:
+        report.save()
+    return taken
 
 
 def _free_port() -> int:
@@ -787,7 +864,8 @@ def _percent(value) -> str:
 def format_report(data: dict[str, Any]) -> str:
     lines = ["## Phases", "", "| phase | wall s | cpu s | load average (start/end) |", "|---|---|---|---|"]
     for name, p in data["phases"].items():
-        lines.append(f"| {name} | {p['wall_s']} | {p['cpu_s']} | {p['load_start']} / {p['load_end']} |")
+        reused = f" (reused from {p['reused_from']})" if p.get("reused_from") else ""
+        lines.append(f"| {name}{reused} | {p['wall_s']} | {p['cpu_s']} | {p['load_start']} / {p['load_end']} |")
     training = [p for name, p in data["phases"].items() if not name.startswith("eval")]
     if training:
         wall, cpu = (round(sum(p[k] for p in training), 1) for k in ("wall_s", "cpu_s"))
