@@ -106,7 +106,7 @@ class MicroRecipe:
     scenes of object tokens that hold each object's words and position."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=1000,
+            steps=1500,
             batch_size=32,
             lr=4e-3,
             min_lr=1e-4,
@@ -118,11 +118,12 @@ class MicroRecipe:
             pretrained_projections=True,
         )
     )
-    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 1,000
-    steps: at 700 its loss was still falling steeply (7.45 at step 600, 6.97 at 700, in a run with
-    soft coordinate targets); the whole model built on 1,000 answers more of every task (after
-    stage 4, first 200 per task, test VQA / refer / identify 82.5 / 34.5 / 37.5 % against 80.0 /
-    28.5 / 30.5 at 700) for ~250 s more of training."""
+    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 1,500
+    steps: its loss was still falling at 700 (7.45 at step 600, 6.97 at 700, in a run with soft
+    coordinate targets) and at 1,000 (final 4.73; 4.30 at step 1,400 of 1,500). The whole model
+    built on 1,000 steps answered more of every task than on 700 (after stage 4, first 200 per
+    task, test VQA / refer / identify 82.5 / 34.5 / 37.5 % against 80.0 / 28.5 / 30.5), for ~250 s
+    more of training; 1,500 against 1,000: see the README."""
     calibrated_norms: bool = True
     """Start TinyGPT-V's added norms (QK LayerNorms, post-attention RMSNorms) as close to the identity
     as each can be on the pretrained micro LM's own activations (:func:`calibrate_added_norms`, on
