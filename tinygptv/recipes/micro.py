@@ -106,7 +106,7 @@ class MicroRecipe:
     scenes of object tokens that hold each object's words and position."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=1500,
+            steps=2000,
             batch_size=32,
             lr=4e-3,
             min_lr=1e-4,
@@ -118,12 +118,12 @@ class MicroRecipe:
             pretrained_projections=True,
         )
     )
-    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 1,500
-    steps: its loss was still falling at 700 (7.45 at step 600, 6.97 at 700, in a run with soft
-    coordinate targets) and at 1,000 (final 4.73; 4.30 at step 1,400 of 1,500). The whole model
-    built on 1,000 steps answered more of every task than on 700 (after stage 4, first 200 per
-    task, test VQA / refer / identify 82.5 / 34.5 / 37.5 % against 80.0 / 28.5 / 30.5), for ~250 s
-    more of training; 1,500 against 1,000: see the README."""
+    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 2,000
+    steps: its final loss falls with every lengthening (700 steps: 6.97 at the end, in a run with
+    soft coordinate targets; 1,000: 4.73; 1,500: 4.19; 2,000: 3.98), and so does the whole model's
+    [refer] error (after stage 4, first 200 per task, test VQA / refer / identify: 700 steps 80.0 /
+    28.5 / 30.5 %, 1,000 82.5 / 34.5 / 37.5, 1,500 85.5 / 45.0 / 40.5, 2,000 87.5 / 53.5 / 39.5;
+    the last two with the stage settings of session 15). Each 500 steps cost ~350 s on two cores."""
     calibrated_norms: bool = True
     """Start TinyGPT-V's added norms (QK LayerNorms, post-attention RMSNorms) as close to the identity
     as each can be on the pretrained micro LM's own activations (:func:`calibrate_added_norms`, on
