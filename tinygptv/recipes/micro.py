@@ -120,7 +120,7 @@ class MicroRecipe:
     )
     """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 2,000
     steps: its final loss falls with every lengthening (700 steps: 6.97 at the end, in a run with
-    soft coordinate targets; 1,000: 4.73; 1,500: 4.19; 2,000: 3.98), and so does the whole model's
+    soft coordinate targets; 1,000: 4.73; 1,500: 4.19; 2,000: 4.00), and so does the whole model's
     [refer] error (after stage 4, first 200 per task, test VQA / refer / identify: 700 steps 80.0 /
     28.5 / 30.5 %, 1,000 82.5 / 34.5 / 37.5, 1,500 85.5 / 45.0 / 40.5, 2,000 87.5 / 53.5 / 39.5;
     the last two with the stage settings of session 15). Each 500 steps cost ~350 s on two cores."""
