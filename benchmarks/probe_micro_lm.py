@@ -1,6 +1,6 @@
 """The micro recipe's language model alone, reading each image's TRUE scene tokens.
 
-    python benchmarks/probe_micro_lm.py RUN_DIR [--images 100] [--split test]
+    python benchmarks/probe_micro_lm.py RUN_DIR [--images 100] [--split test] [--jitter J]
 
 ``RUN_DIR`` is a ``tinygptv recipe micro --out`` folder (its ``world/``, ``tokenizer/`` and
 ``lm/``). Each image of the split is written as its 32 scene tokens, objects in reading order (as
@@ -8,7 +8,9 @@ the Q-Former learns to write them), and the pretrained LM answers the world's ``
 and each referable object's ``[refer]`` / ``[identify]`` question, one question per prompt in the
 stage-4 template, greedily; answers are scored as the benchmark scores them (exact answer, IoU >
 0.5, the phrase picks out the object). This is the ceiling the whole model's language side sets:
-with a perfect vision encoder and Q-Former, the model could answer no better.
+with a perfect vision encoder and Q-Former, the model could answer no better. ``--jitter J`` moves
+every box corner of the scene the LM reads (not those in the questions) by up to J box units, as a
+Q-Former that writes boxes near the truth would: how much an answer needs exact boxes.
 
 Prints one JSON object: accuracy (%) and count per task and per VQA question kind, and for colour
 and shape questions answered wrongly, how many named another object's colour / shape in the scene
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -45,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", type=Path, help="a micro recipe run folder")
     parser.add_argument("--images", type=int, default=100, help="first N images of the split")
     parser.add_argument("--split", default="test")
+    parser.add_argument(
+        "--jitter",
+        type=float,
+        default=0.0,
+        help="move each box corner of the scene the LM reads (not of the questions) by a uniform draw in "
+        "[-J, J] box units (0-100): the Q-Former writes boxes near the truth, not on it",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -80,12 +91,27 @@ def main(argv: list[str] | None = None) -> int:
                     break
         return tokenizer.decode(written, skip_special_tokens=True).replace(template.end_symbol, "").strip()
 
+    jitter = random.Random(0)
+
+    def seen(scene):
+        """The scene as the LM reads it: each box corner moved by up to ``--jitter`` box units."""
+        if not args.jitter:
+            return scene
+        step = world.CANONICAL_SIZE / 100
+        moved = []
+        for obj in scene.objects:
+            box = [round(v + jitter.uniform(-args.jitter, args.jitter) * step) for v in obj.box]
+            box = [min(max(v, 0), world.CANONICAL_SIZE) for v in box]
+            moved.append(dataclasses.replace(obj, box=tuple(box)))
+        return dataclasses.replace(scene, objects=moved)
+
     scores: dict[str, list[float]] = collections.defaultdict(list)
     binding = collections.Counter()
     for scene in world.load_scenes(args.run / "world", args.split)[: args.images]:
         scene = reading_order(scene)
+        shown = seen(scene)
         for qa in world.questions(scene, 0, held_out, 6):
-            got = answer(scene, "vqa", instruction("vqa", None, qa.question))
+            got = answer(shown, "vqa", instruction("vqa", None, qa.question))
             right = exact_match(got, qa.answer)
             scores["vqa"].append(right)
             scores[f"vqa/{qa.kind}"].append(right)
@@ -96,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         for k, (obj, phrase) in enumerate(zip(scene.objects, world.referring_expressions(scene, 0))):
             if phrase is None:
                 continue
-            iou, _ = refer_iou(answer(scene, "refer", instruction("refer", None, phrase)), obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE)
+            iou, _ = refer_iou(answer(shown, "refer", instruction("refer", None, phrase)), obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE)
             scores["refer"].append(float(iou > 0.5))
             box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
-            said = answer(scene, "identify", instruction("identify", None, box))
+            said = answer(shown, "identify", instruction("identify", None, box))
             scores["identify"].append(float(objects_described(said, scene.objects) == [k]))
     result = {name: {"accuracy": round(100 * sum(v) / len(v), 1), "n": len(v)} for name, v in sorted(scores.items())}
-    print(json.dumps({"run": str(args.run), "split": args.split, "images": args.images, **result, "binding": dict(binding)}))
+    print(json.dumps({"run": str(args.run), "split": args.split, "images": args.images, "jitter": args.jitter, **result, "binding": dict(binding)}))
     return 0
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import random
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -948,3 +951,50 @@ def test_added_norms_probe_scores_the_plain_the_paper_init_and_the_calibrated_lm
     losses = {k: result[k]["loss"] for k in ("plain", "paper_init", "calibrated")}
     assert all(v > 0 for v in losses.values())
     assert losses["paper_init"] != losses["plain"]  # the added norms at 1 / 0 change the LM
+
+
+_PARENT_SCRIPT = """
+import os, sys, time
+import multiprocessing as mp
+
+def worker(parent):
+    from tinygptv.recipes.micro import exit_with_parent
+    exit_with_parent(parent)
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    child = mp.get_context("spawn").Process(target=worker, args=(os.getpid(),))
+    child.start()
+    child.join()
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a dead child nobody has reaped yet)."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_recipe_worker_ends_when_its_parent_is_killed(tmp_path):
+    # a recipe runs its phases in spawned workers; SIGKILL of the command must not leave them training
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _running(child)
+        time.sleep(0.5)
+        assert _running(child)  # it waits for its parent, as a worker would
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child), "the worker outlived its killed parent"
+    finally:
+        parent.kill()

@@ -597,7 +597,10 @@ def run_micro_recipe(
     if recipe.processes > 1:
         import torch.multiprocessing as mp
 
-        mp.start_processes(_recipe_process, args=(recipe.processes, _free_port(), args), nprocs=recipe.processes, start_method="spawn")
+        parent = os.getpid()
+        mp.start_processes(
+            _recipe_process, args=(recipe.processes, _free_port(), args, parent), nprocs=recipe.processes, start_method="spawn"
+        )
         return json.loads((out / "report.json").read_text())
     return _run_recipe(*args)
 
@@ -676,13 +679,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _recipe_process(rank: int, processes: int, port: int, args) -> None:
+def exit_with_parent(parent: int) -> None:
+    """Have this process end (SIGTERM) when process ``parent``, which started it, dies, by any signal
+    (SIGKILL included), so that a killed recipe leaves no worker training on. Linux only (``prctl``'s
+    PR_SET_PDEATHSIG); elsewhere a no-op. If ``parent`` is already gone, end now."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        return
+    if os.getppid() != parent:  # it died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _recipe_process(rank: int, processes: int, port: int, args, parent: int | None = None) -> None:
     """One process of a multi-process recipe: join the group (as ``torchrun`` would set it up, which the
-    trainer's stages expect), run every phase, leave the group."""
+    trainer's stages expect), run every phase, leave the group. It ends with process ``parent`` (the
+    one that started it) if that one is killed."""
     import sys
 
     import torch.distributed as dist
 
+    if parent is not None:
+        exit_with_parent(parent)
     sys.stdout.reconfigure(line_buffering=True)  # the log shows up as it is written
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
