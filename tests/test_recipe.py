@@ -998,3 +998,86 @@ def test_a_recipe_worker_ends_when_its_parent_is_killed(tmp_path):
         assert not _running(child), "the worker outlived its killed parent"
     finally:
         parent.kill()
+
+
+def test_readout_fit_is_the_least_squares_map_from_queries_to_scene_rows(toy_run, tmp_path):
+    from tinygptv import TinyGPTV
+    from tinygptv.recipes.pretrain import SCENE_OBJECTS, ImageBank, fit_readout
+
+    out, plain = toy_run
+    assert "readout_error" not in plain  # off by default
+    # the recipe's base phase refits the projections when asked, and nothing before it changes
+    refit = tmp_path / "refit"
+    report = run_micro_recipe(
+        refit, toy_recipe(readout_images=40), stage_overrides=TOY_STAGES, evaluate_stages=False, log=lambda m: None, reuse=out
+    )
+    taken = [name for name, phase in report["phases"].items() if phase.get("reused_from")]
+    assert taken == ["world", "tokenizer", "language model", "vision"]
+    assert 0 < report["readout_error"] < 1
+    before = TinyGPTV.from_pretrained(out / "base").state_dict()
+    after = TinyGPTV.from_pretrained(refit / "base").state_dict()
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed and all(k.startswith(("vision_proj.", "lm_proj.")) for k in changed), changed
+    model = TinyGPTV.from_pretrained(out / "base").eval()
+    bank = ImageBank(out / "world", "train")
+    images = 20
+    order = list(range(SCENE_OBJECTS))
+    weight = model.lm.get_input_embeddings().weight.detach().double()
+    rows = [scene_tokens(reading_order(s), model.tokenizer, order) for s in bank.scenes[:images]]  # the toy's word scenes
+    wanted = weight[torch.tensor(rows).flatten()]
+    with torch.no_grad():
+        queries = model.encode_queries(bank.normalized(range(images))).flatten(0, 1)
+
+        def error() -> float:
+            mapped = model.lm_proj(model.vision_proj(queries)).double()
+            return float(((mapped - wanted) ** 2).sum())
+
+        torch.nn.init.normal_(model.lm_proj.weight, std=0.5)  # a read-out far off the rows
+        before = error()
+        fit_readout(model, out / "world", images, seed=0)
+        after = error()
+        x = torch.cat([queries.double(), torch.ones(len(queries), 1, dtype=torch.float64)], dim=1)
+        best = torch.linalg.lstsq(x, wanted).solution
+        floor = float(((x @ best - wanted) ** 2).sum())
+    assert after < 0.05 * before
+    # the least-squares optimum (up to the small ridge and float32 weights), through both projections
+    assert floor <= after < 1.002 * floor
+
+
+def test_readout_probe_reads_true_scenes_as_the_language_model_probe_does(toy_run, capsys, tmp_path):
+    import json
+
+    from tinygptv import TinyGPTV
+
+    out, _ = toy_run
+    model = TinyGPTV.from_pretrained(out / "base")
+    with torch.no_grad():
+        torch.nn.init.normal_(model.lm_proj.weight, std=0.5)  # projections far off the rows
+    model.save_pretrained(tmp_path / "off")
+    lm_probe, readout_probe = load_benchmark("probe_micro_lm"), load_benchmark("probe_micro_readout")
+    assert lm_probe.main([str(out), "--images", "3"]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert readout_probe.main([str(out), "--model", str(tmp_path / "off"), "--images", "3", "--fit-images", "60"]) == 0
+    modes = {r["mode"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert set(modes) == {"true", "snap", "raw", "lsq"}
+    for task in ("vqa", "refer", "identify"):  # the same LM on the same scene vectors: the same answers
+        assert modes["true"][task] == alone[task]
+        assert all(modes[m][task]["n"] == alone[task]["n"] for m in modes)
+    assert modes["true"]["relative_distance_to_rows"] == 0
+    assert modes["raw"]["relative_distance_to_rows"] > 0
+    # the least-squares read-out is nearer the rows than the scrambled projections
+    assert modes["lsq"]["relative_distance_to_rows"] < modes["raw"]["relative_distance_to_rows"]
+
+
+def test_language_model_probe_jitter_moves_only_the_scene_boxes(toy_run, capsys):
+    import json
+
+    probe = load_benchmark("probe_micro_lm")
+    out, _ = toy_run
+    results = []
+    for jitter in ("0", "30"):
+        assert probe.main([str(out), "--images", "3", "--jitter", jitter]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    plain, moved = results
+    assert moved["jitter"] == 30.0 and plain["jitter"] == 0.0
+    assert all(moved[t]["n"] == plain[t]["n"] for t in ("vqa", "refer", "identify"))  # the same questions

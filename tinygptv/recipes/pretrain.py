@@ -1053,6 +1053,65 @@ def factor_projection(head: nn.Linear, first: nn.Linear, second: nn.Linear, seed
         second.bias.copy_(head.bias)
 
 
+def fit_readout(
+    model,
+    root: str | Path,
+    images: int,
+    seed: int,
+    object_tokens: bool = False,
+    object_positions: bool = False,
+    rtol: float = 1e-10,
+) -> float:
+    """Set ``model``'s two projections to the least-squares read-out of its Q-Former: the linear map
+    (with bias) that puts each query's output, on the first ``images`` training images of the world
+    at ``root``, nearest to the embedding row of the scene token it stands for (:func:`scene_tokens`,
+    objects in reading order), factored exactly into ``vision_proj`` and ``lm_proj``
+    (:func:`factor_projection`, ``seed``); directions of the normal matrix below ``rtol`` of its largest
+    eigenvalue are left out (minimum-norm least squares). Returns the fit's error, ``|read-out - row| / |row|`` averaged over queries.
+
+    Why: the vision pretraining's read-out (``VisionHeads.to_lm``) is trained by a cross-entropy
+    over the rows, which a query wins by pointing the right way at any length: its outputs end up
+    ~10x as long as the rows, at a cosine of ~0.8, and the LM, which reads vectors, not their
+    nearest rows, misreads them (the micro LM given the Q-Former's tokens snapped to their nearest
+    rows answers nearly as well as given the true scene; given the raw read-out, far worse; README).
+    A least-squares fit keeps what the queries hold and puts it where the LM looks."""
+    was_training = model.training
+    model.eval()
+    bank = ImageBank(root, "train")
+    count = min(images, len(bank.scenes))
+    tokenizer = model.tokenizer
+    embeddings = model.language_model.get_input_embeddings().weight.detach().double()
+    vocab = embeddings.shape[0]
+    if object_tokens:
+        embeddings = scene_table(embeddings, object_parts(tokenizer, object_positions))
+    order = list(range(SCENE_OBJECTS))
+    normal = rhs = None
+    with torch.no_grad():
+        for start in range(0, count, 64):
+            chunk = range(start, min(start + 64, count))
+            queries = model.encode_queries(bank.normalized(chunk)).double().flatten(0, 1)
+            x = torch.cat([queries, queries.new_ones(len(queries), 1)], dim=1)  # the bias as a column
+            rows = [scene_tokens(reading_order(bank.scenes[k]), tokenizer, order, object_tokens, object_positions) for k in chunk]
+            y = embeddings[scene_table_ids(torch.tensor(rows), vocab).flatten()]
+            normal = x.T @ x if normal is None else normal + x.T @ x
+            rhs = x.T @ y if rhs is None else rhs + x.T @ y
+        if normal is None:
+            raise ValueError(f"no training images in {root} to fit the read-out on")
+        width = normal.shape[0] - 1
+        # the minimum-norm solution: a Q-Former's last LayerNorm makes its outputs' features sum to
+        # about the same in every row, nearly a copy of the bias column
+        solution = torch.linalg.pinv(normal, hermitian=True, rtol=rtol) @ rhs  # (width + 1, lm width)
+        head = nn.Linear(width, solution.shape[1])
+        head.weight.copy_(solution[:width].T.float())
+        head.bias.copy_(solution[width].float())
+        factor_projection(head, model.vision_proj, model.lm_proj, seed)
+        # the fit's error on the last chunk (cheap, and a check that the factoring kept the map)
+        mapped = model.lm_proj(model.vision_proj(queries.float())).double()
+        error = float(((mapped - y).norm(dim=-1) / y.norm(dim=-1).clamp(min=1e-12)).mean())
+    model.train(was_training)
+    return error
+
+
 class _VisionPretraining(nn.Module):
     """The ViT, the Q-Former and the temporary heads as one module (what DDP wraps): images in, loss out."""
 
@@ -1170,6 +1229,7 @@ __all__ = [
     "drill_document",
     "embed_scene_ids",
     "factor_projection",
+    "fit_readout",
     "object_parts",
     "object_words",
     "reading_order",
