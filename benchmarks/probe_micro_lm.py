@@ -12,7 +12,8 @@ with a perfect vision encoder and Q-Former, the model could answer no better. ``
 every box corner of the scene the LM reads (not those in the questions) by up to J box units, as a
 Q-Former that writes boxes near the truth would: how much an answer needs exact boxes.
 
-Prints one JSON object: accuracy (%) and count per task and per VQA question kind, and for colour
+Prints one JSON object: accuracy (%) and count per task and per VQA question kind, ``identify_chance``
+(what naming a random object of the scene by size, colour and shape would score), and for colour
 and shape questions answered wrongly, how many named another object's colour / shape in the scene
 (a binding error: the right kind of word, from the wrong object).
 """
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
             said = answer(shown, "identify", instruction("identify", None, box))
             scores["identify"].append(float(objects_described(said, scene.objects) == [k]))
+            # naming a random object of the scene in full: right when it is this one, named alone
+            named = [objects_described(f"the {o.describe()}", scene.objects) for o in scene.objects]
+            scores["identify_chance"].append(sum(n == [k] for n in named) / len(scene.objects))
     result = {name: {"accuracy": round(100 * sum(v) / len(v), 1), "n": len(v)} for name, v in sorted(scores.items())}
     print(json.dumps({"run": str(args.run), "split": args.split, "images": args.images, "jitter": args.jitter, **result, "binding": dict(binding)}))
     return 0

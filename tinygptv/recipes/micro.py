@@ -103,7 +103,10 @@ class MicroRecipe:
         )
     )
     """Language-model pretraining (rows of ``seq_len`` tokens; most of them scene drills), reading
-    scenes of object tokens that hold each object's words and position."""
+    scenes of object tokens that hold each object's words and position. 1,200 steps: 2,000 make an
+    LM that answers ``[identify]`` on true scenes far more (64.6 % against 47.6, 300 validation
+    images) but a whole model that answers no more (whole test split 86.8 / 53.4 / 42.3 % against
+    87.7 / 53.6 / 38.8; README)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
             steps=2000,
