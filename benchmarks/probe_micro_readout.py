@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = weight.shape[0]
     table = scene_table(weight, object_parts(tokenizer, positions)) if objects else weight
     held_out = [tuple(p) for p in json.loads((args.run / "world" / "shapes.json").read_text())["held_out_pairs"]]
-    bank = ImageBank(args.run / "world", "test")
-    count = min(args.images, len(bank.scenes))
+    bank = ImageBank(args.run / "world", "test", limit=args.images)
+    count = len(bank.scenes)
     scenes = [reading_order(s) for s in bank.scenes[:count]]
     order = list(range(SCENE_OBJECTS))
     truth = table[scene_table_ids(torch.tensor([scene_tokens(s, tokenizer, order, objects, positions) for s in scenes]), vocab)]

@@ -820,13 +820,13 @@ class ImageBank:
     """A split's images as uint8 (N, S, S, 3) in memory with their scenes, normalised on demand
     exactly as :class:`~tinygptv.data.image_processing.ImageProcessor` does at the world's size."""
 
-    def __init__(self, root: str | Path, split: str):
+    def __init__(self, root: str | Path, split: str, limit: int | None = None):
         import numpy as np
         from PIL import Image
 
         from ..data.shapes import load_scenes
 
-        self.scenes = load_scenes(root, split)
+        self.scenes = load_scenes(root, split)[:limit]  # the first ``limit`` (None: all)
         folder = Path(root) / "images" / "224"
         self.pixels = torch.from_numpy(
             np.stack([np.asarray(Image.open(folder / s.file_name).convert("RGB")) for s in self.scenes])
@@ -1066,8 +1066,9 @@ def fit_readout(
     (with bias) that puts each query's output, on the first ``images`` training images of the world
     at ``root``, nearest to the embedding row of the scene token it stands for (:func:`scene_tokens`,
     objects in reading order), factored exactly into ``vision_proj`` and ``lm_proj``
-    (:func:`factor_projection`, ``seed``); directions of the normal matrix below ``rtol`` of its largest
-    eigenvalue are left out (minimum-norm least squares). Returns the fit's error, ``|read-out - row| / |row|`` averaged over queries.
+    (:func:`factor_projection`, ``seed``); directions of the normal matrix below ``rtol`` of its
+    largest eigenvalue are left out (minimum-norm least squares). Returns the fit's error,
+    ``|read-out - row| / |row|`` averaged over the queries of the last 64 images fitted.
 
     Why: the vision pretraining's read-out (``VisionHeads.to_lm``) is trained by a cross-entropy
     over the rows, which a query wins by pointing the right way at any length: its outputs end up
@@ -1077,8 +1078,8 @@ def fit_readout(
     A least-squares fit keeps what the queries hold and puts it where the LM looks."""
     was_training = model.training
     model.eval()
-    bank = ImageBank(root, "train")
-    count = min(images, len(bank.scenes))
+    bank = ImageBank(root, "train", limit=images)
+    count = len(bank.scenes)
     tokenizer = model.tokenizer
     embeddings = model.language_model.get_input_embeddings().weight.detach().double()
     vocab = embeddings.shape[0]
