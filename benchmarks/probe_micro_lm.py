@@ -30,18 +30,63 @@ from pathlib import Path
 import torch
 
 
+def greedy_answer(lm, tokenizer, inputs_embeds, max_new_tokens: int = 20) -> str:
+    """The LM's greedy answer after a prompt: ``inputs_embeds(written)`` gives the (1, T, C) input
+    vectors of the prompt followed by the token ids ``written`` so far; stops at the stage-4
+    template's end symbol or EOS, which the answer leaves out."""
+    from tinygptv.data.templates import template_for_stage
+
+    end_symbol = template_for_stage(4).end_symbol
+    end = tokenizer(end_symbol, add_special_tokens=False)["input_ids"]
+    written: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            written.append(int(lm(inputs_embeds=inputs_embeds(written), use_cache=False).logits[0, -1].argmax()))
+            if written[-len(end) :] == end or written[-1] == tokenizer.eos_token_id:
+                break
+    return tokenizer.decode(written, skip_special_tokens=True).replace(end_symbol, "").strip()
+
+
+def ask_scene(answer, scene, held_out, scores, binding=None) -> None:
+    """Ask ``answer(task, question)`` the world's six ``[vqa]`` questions about ``scene`` and each
+    referable object's ``[refer]`` and ``[identify]`` question, in each task's first phrasing, and
+    append the benchmark's scores to ``scores[task]`` (and ``vqa/KIND``, ``identify_chance``: what
+    naming a random object of the scene in full would score); ``binding`` counts colour and shape
+    answers that are wrong, and those naming another object's."""
+    from tinygptv.data import shapes as world
+    from tinygptv.data.boxes import format_box, normalize_box
+    from tinygptv.data.instructions import instruction
+    from tinygptv.eval.metrics import exact_match, refer_iou
+    from tinygptv.eval.shapes import objects_described
+
+    size = world.CANONICAL_SIZE
+    for qa in world.questions(scene, 0, held_out, 6):
+        got = answer("vqa", instruction("vqa", None, qa.question))
+        right = exact_match(got, qa.answer)
+        scores["vqa"].append(right)
+        scores[f"vqa/{qa.kind}"].append(right)
+        if binding is not None and qa.kind in ("color", "shape") and not right:
+            binding[f"{qa.kind}_wrong"] += 1
+            binding[f"{qa.kind}_wrong_is_another_objects"] += got in [getattr(o, qa.kind) for o in scene.objects]
+    named = [objects_described(f"the {o.describe()}", scene.objects) for o in scene.objects]
+    for k, (obj, phrase) in enumerate(zip(scene.objects, world.referring_expressions(scene, 0))):
+        if phrase is None:
+            continue
+        iou, _ = refer_iou(answer("refer", instruction("refer", None, phrase)), obj.box, size, size)
+        scores["refer"].append(float(iou > 0.5))
+        said = answer("identify", instruction("identify", None, format_box(normalize_box(obj.box, size, size))))
+        scores["identify"].append(float(objects_described(said, scene.objects) == [k]))
+        scores["identify_chance"].append(sum(n == [k] for n in named) / len(scene.objects))
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
     from transformers import PreTrainedTokenizerFast
 
     from tinygptv.config import TinyGPTVConfig, get_preset
     from tinygptv.data import shapes as world
-    from tinygptv.data.boxes import format_box, normalize_box
     from tinygptv.data.encoding import IMAGE_TOKEN_ID, encode_chunks
-    from tinygptv.data.instructions import instruction
     from tinygptv.data.templates import template_for_stage
-    from tinygptv.eval.metrics import exact_match, refer_iou
-    from tinygptv.eval.shapes import objects_described
     from tinygptv.model.language import build_language_model
     from tinygptv.recipes.micro import plain_language_config
     from tinygptv.recipes.pretrain import SCENE_OBJECTS, embed_scene_ids, object_parts, reading_order, scene_tokens
@@ -74,23 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     objects, positions = lm_recipe.get("object_tokens", False), lm_recipe.get("object_positions", False)
     parts = object_parts(tokenizer, positions) if objects else None
     template = template_for_stage(4)
-    end = tokenizer(template.end_symbol, add_special_tokens=False)["input_ids"]
 
     def answer(scene, task: str, question: str) -> str:
         chunks = [(template.user_format.format(template.first_content(question, 1, task)), False)]
         ids: list[int] = []
         for token in encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids:
             ids.extend(scene_tokens(scene, tokenizer, list(range(SCENE_OBJECTS)), objects, positions) if token == IMAGE_TOKEN_ID else [token])
-        tokens, written = torch.tensor([ids]), []
-        with torch.no_grad():
-            for _ in range(20):
-                vectors = embed_scene_ids(lm.get_input_embeddings(), tokens, parts)
-                nxt = int(lm(inputs_embeds=vectors, use_cache=False).logits[0, -1].argmax())
-                written.append(nxt)
-                tokens = torch.cat([tokens, torch.tensor([[nxt]])], dim=1)
-                if written[-len(end) :] == end or nxt == tokenizer.eos_token_id:
-                    break
-        return tokenizer.decode(written, skip_special_tokens=True).replace(template.end_symbol, "").strip()
+        embedding = lm.get_input_embeddings()
+        return greedy_answer(lm, tokenizer, lambda written: embed_scene_ids(embedding, torch.tensor([ids + written]), parts))
 
     jitter = random.Random(0)
 
@@ -111,26 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for scene in world.load_scenes(args.run / "world", args.split)[: args.images]:
         scene = reading_order(scene)
         shown = seen(scene)
-        for qa in world.questions(scene, 0, held_out, 6):
-            got = answer(shown, "vqa", instruction("vqa", None, qa.question))
-            right = exact_match(got, qa.answer)
-            scores["vqa"].append(right)
-            scores[f"vqa/{qa.kind}"].append(right)
-            if qa.kind in ("color", "shape") and not right:
-                present = [getattr(o, qa.kind) for o in scene.objects]
-                binding[f"{qa.kind}_wrong"] += 1
-                binding[f"{qa.kind}_wrong_is_another_objects"] += got in present
-        for k, (obj, phrase) in enumerate(zip(scene.objects, world.referring_expressions(scene, 0))):
-            if phrase is None:
-                continue
-            iou, _ = refer_iou(answer(shown, "refer", instruction("refer", None, phrase)), obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE)
-            scores["refer"].append(float(iou > 0.5))
-            box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
-            said = answer(shown, "identify", instruction("identify", None, box))
-            scores["identify"].append(float(objects_described(said, scene.objects) == [k]))
-            # naming a random object of the scene in full: right when it is this one, named alone
-            named = [objects_described(f"the {o.describe()}", scene.objects) for o in scene.objects]
-            scores["identify_chance"].append(sum(n == [k] for n in named) / len(scene.objects))
+        ask_scene(lambda task, question: answer(shown, task, question), scene, held_out, scores, binding)
     result = {name: {"accuracy": round(100 * sum(v) / len(v), 1), "n": len(v)} for name, v in sorted(scores.items())}
     print(json.dumps({"run": str(args.run), "split": args.split, "images": args.images, "jitter": args.jitter, **result, "binding": dict(binding)}))
     return 0

@@ -18,8 +18,8 @@ images (as that probe asks and scores them), reading in place of each image:
   ``readout_images``).
 
 The gap between ``snap`` and ``raw`` is what the LM loses to the vectors being off their rows.
-Prints one JSON line per mode: accuracy (%) per task, and the read-out's mean relative distance
-to the true rows.
+Prints one JSON line per mode: accuracy (%) per task and VQA kind (as ``probe_micro_lm.py``, whose
+question loop and decoding it uses), and the read-out's mean relative distance to the true rows.
 """
 
 from __future__ import annotations
@@ -35,17 +35,22 @@ import torch
 MODES = ("true", "snap", "raw", "lsq")
 
 
+def _language_model_probe():
+    """``probe_micro_lm.py`` beside this script, as a module: its question loop and greedy decoding."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_micro_lm", Path(__file__).with_name("probe_micro_lm.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
 
     from tinygptv.config import TinyGPTVConfig
-    from tinygptv.data import shapes as world
-    from tinygptv.data.boxes import format_box, normalize_box
     from tinygptv.data.encoding import IMAGE_TOKEN_ID, encode_chunks
-    from tinygptv.data.instructions import instruction
     from tinygptv.data.templates import template_for_stage
-    from tinygptv.eval.metrics import exact_match, refer_iou
-    from tinygptv.eval.shapes import objects_described
     from tinygptv.model.language import build_language_model
     from tinygptv.model.tinygptv import TinyGPTV
     from tinygptv.recipes.micro import plain_language_config
@@ -102,39 +107,23 @@ def main(argv: list[str] | None = None) -> int:
         tokens["lsq"] = image_tokens(refit)
 
     template = template_for_stage(4)
-    end = tokenizer(template.end_symbol, add_special_tokens=False)["input_ids"]
     embed = lm.get_input_embeddings()
+    helpers = _language_model_probe()
 
     def answer(image: torch.Tensor, task: str, question: str) -> str:
         chunks = [(template.user_format.format(template.first_content(question, 1, task)), False)]
         ids = encode_chunks(tokenizer, chunks, num_image_tokens=1).input_ids
         at = ids.index(IMAGE_TOKEN_ID)
-        written: list[int] = []
-        with torch.no_grad():
-            before = embed(torch.tensor([ids[:at]]))
-            for _ in range(20):
-                after = embed(torch.tensor([ids[at + 1 :] + written]))
-                logits = lm(inputs_embeds=torch.cat([before, image[None], after], dim=1), use_cache=False).logits
-                written.append(int(logits[0, -1].argmax()))
-                if written[-len(end) :] == end or written[-1] == tokenizer.eos_token_id:
-                    break
-        return tokenizer.decode(written, skip_special_tokens=True).replace(template.end_symbol, "").strip()
+        before = embed(torch.tensor([ids[:at]]))
+        return helpers.greedy_answer(
+            lm, tokenizer, lambda written: torch.cat([before, image[None], embed(torch.tensor([ids[at + 1 :] + written]))], dim=1)
+        )
 
     for mode in args.modes:
         scores: dict[str, list[float]] = collections.defaultdict(list)
         for n, scene in enumerate(scenes):
             image = tokens[mode][n]
-            for qa in world.questions(scene, 0, held_out, 6):
-                scores["vqa"].append(exact_match(answer(image, "vqa", instruction("vqa", None, qa.question)), qa.answer))
-            for k, (obj, phrase) in enumerate(zip(scene.objects, world.referring_expressions(scene, 0))):
-                if phrase is None:
-                    continue
-                said = answer(image, "refer", instruction("refer", None, phrase))
-                iou, _ = refer_iou(said, obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE)
-                scores["refer"].append(float(iou > 0.5))
-                box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
-                said = answer(image, "identify", instruction("identify", None, box))
-                scores["identify"].append(float(objects_described(said, scene.objects) == [k]))
+            helpers.ask_scene(lambda task, question: answer(image, task, question), scene, held_out, scores)
         distance = ((tokens[mode] - truth).norm(dim=-1) / truth.norm(dim=-1)).mean()
         result = {name: {"accuracy": round(100 * sum(v) / len(v), 1), "n": len(v)} for name, v in sorted(scores.items())}
         print(json.dumps({"mode": mode, "images": count, "relative_distance_to_rows": round(float(distance), 3), **result}), flush=True)
