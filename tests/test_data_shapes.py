@@ -212,6 +212,30 @@ def test_refer_and_identify_boxes_match_pixels(world, truth):
     assert checked > N
 
 
+def test_identify_full_names_pick_out_the_boxed_object(world, truth):
+    """``identify_names="full"``: each answer names the object in the question's box by size,
+    colour and shape when no other object of the image shares them (checked against the pixels),
+    and keeps the world's phrase for the others; the questions are the same."""
+    shortest = shapes_sources(world, 4, split="train")[0]["shapes_identify"]
+    full = shapes_sources(world, 4, split="train", identify_names="full")[0]["shapes_identify"]
+    renamed = 0
+    for k, record in enumerate(full.records):
+        before, after = shortest[k], full[k]
+        assert after.turns[0].user == before.turns[0].user
+        objects = truth[int(record[0][:-4])]
+        (boxed,) = [o for o in objects if normalize_box(o["box"], 224, 224) == parse_box(after.turns[0].user)]
+        name = f"{boxed['size']} {boxed['color']} {boxed['shape']}"
+        if sum(f"{o['size']} {o['color']} {o['shape']}" == name for o in objects) == 1:
+            assert after.turns[0].assistant == f"the {name}"
+            renamed += after.turns[0].assistant != before.turns[0].assistant
+        else:
+            assert after.turns[0].assistant == before.turns[0].assistant
+        assert matching(objects, after.turns[0].assistant) == [boxed]
+    assert renamed > 10  # most shortest phrases leave out a word of the full name
+    with pytest.raises(ValueError, match="identify_names"):
+        shapes_sources(world, 4, identify_names="long")
+
+
 def test_grounded_captions_match_pixels(world, truth):
     for split in SPLITS:
         source = Flickr30kEntities(world / "grounding", world / "images" / "224", split=split, image_ext=".png")

@@ -164,7 +164,8 @@ def build_stream(config: TrainConfig, model: TinyGPTV, rank: int, world_size: in
 
         if data.root is None:
             raise ValueError("data.kind shapes needs data.root: a world made by `tinygptv data make-shapes`")
-        sources, ratios = shapes_sources(data.root, config.stage, split="train" if train else "val")
+        split = "train" if train else "val"
+        sources, ratios = shapes_sources(data.root, config.stage, split=split, identify_names=data.identify_names)
         unknown = sorted(set(data.ratios) - set(ratios))
         if unknown:
             raise ValueError(f"data.ratios names {unknown}, not sets of stage {config.stage}: {sorted(ratios)}")

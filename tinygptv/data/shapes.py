@@ -805,14 +805,30 @@ STAGE4_RATIOS = {
 """Stage-4 sample ratios of the shapes world (the paper weighs its sets in the same spirit)."""
 
 
+IDENTIFY_NAMES = ("shortest", "full")
+"""How a stage-4 ``[identify]`` sample names its object (:func:`shapes_sources`)."""
+
+
 def shapes_sources(
-    root: str | Path, stage: int, split: str = "train", image_size: int | None = None
+    root: str | Path,
+    stage: int,
+    split: str = "train",
+    image_size: int | None = None,
+    identify_names: str = "shortest",
 ) -> tuple[dict[str, "Source"], dict[str, float]]:
     """The sources of a stage over a generated world, read by the public-format readers, and their
     ratios: ready for :class:`~tinygptv.data.mixture.Mixture`.
 
     ``image_size`` picks the image folder (default: 448 for stage 4 when generated, else 224).
+    ``identify_names``: what a stage-4 ``[identify]`` sample answers: ``shortest``, the world's
+    referring phrase (the shortest that picks the object out: "the star" when there is one star),
+    or ``full``, the object's size, colour and shape ("the large red star") wherever those pick it
+    out alone, else the world's phrase (:func:`full_name_records`). Both are right answers (the
+    benchmark accepts any phrase that describes that object alone); a full name is the object's own
+    words, where the shortest phrase depends on every other object of the scene.
     """
+    if identify_names not in IDENTIFY_NAMES:
+        raise ValueError(f"unknown identify_names {identify_names!r}; known: {', '.join(IDENTIFY_NAMES)}")
     from .readers import (
         CCSBUAlign,
         COCOCaptions,
@@ -867,8 +883,30 @@ def shapes_sources(
         ),
         "shapes_text": UnnaturalInstructions(root / "text" / f"{split}.jsonl", name="shapes_text"),
     }
+    if identify_names == "full":
+        identify = sources["shapes_identify"]
+        identify.records = full_name_records(identify.records, load_scenes(root, split))
     _whole_images(sources)
     return sources, dict(STAGE4_RATIOS)
+
+
+def full_name_records(records: Sequence[tuple], scenes: Sequence[Scene]) -> list[tuple]:
+    """The shapes world's RefCOCO records (``(file_name, width, height, bbox, phrase, ref_id)``,
+    ``ref_id`` = image id * 10 + the object's index in its scene) with each phrase replaced by the
+    object's full name, "the {size} {colour} {shape}", where no other object of its scene has the
+    same one; a phrase for an object that shares its full name stays as the world wrote it."""
+    by_id = {scene.image_id: scene for scene in scenes}
+    renamed = []
+    for record in records:
+        *head, phrase, ref_id = record
+        scene = by_id.get(int(ref_id) // 10)
+        if scene is None:
+            raise ValueError(f"ref {ref_id} names image {int(ref_id) // 10}, which has no scene in this split")
+        name = scene.objects[int(ref_id) % 10].describe()
+        if sum(other.describe() == name for other in scene.objects) == 1:
+            phrase = f"the {name}"
+        renamed.append((*head, phrase, ref_id))
+    return renamed
 
 
 def _whole_images(sources: dict[str, "Source"]) -> dict[str, "Source"]:
