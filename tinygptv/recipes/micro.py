@@ -106,8 +106,9 @@ class MicroRecipe:
     scenes of object tokens that hold each object's words and position. 2,000 steps: the LM alone
     answers ``[identify]`` on true scenes far more than after 1,200 (64.6 % against 47.6, 300
     validation images), and since stage 4 answers ``[identify]`` with full names as the drills do
-    (``configs/micro/stage4.yaml``), so does the whole model (whole test split 55.4 % against 39.0;
-    with the world's shortest phrases in stage 4 it did not: 42.3 against 38.8; README)."""
+    (``configs/micro/stage4.yaml``), so does the whole model (whole test split 55.4 % against
+    39.0, both with stage 4 of 800 steps; with the world's shortest phrases in stage 4 it did not:
+    42.3 against 38.8; README)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
             steps=2000,
