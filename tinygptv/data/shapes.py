@@ -902,11 +902,15 @@ def full_name_records(records: Sequence[tuple], scenes: Sequence[Scene]) -> list
         scene = by_id.get(int(ref_id) // 10)
         if scene is None:
             raise ValueError(f"ref {ref_id} names image {int(ref_id) // 10}, which has no scene in this split")
-        name = scene.objects[int(ref_id) % 10].describe()
-        if sum(other.describe() == name for other in scene.objects) == 1:
-            phrase = f"the {name}"
-        renamed.append((*head, phrase, ref_id))
+        renamed.append((*head, unique_full_name(scene, scene.objects[int(ref_id) % 10]) or phrase, ref_id))
     return renamed
+
+
+def unique_full_name(scene: Scene, obj: ShapeObject) -> str | None:
+    """"the {size} {colour} {shape}" of ``obj`` when no other object of ``scene`` has the same,
+    else None (then only a phrase with its position picks it out)."""
+    name = obj.describe()
+    return f"the {name}" if sum(other.describe() == name for other in scene.objects) == 1 else None
 
 
 def _whole_images(sources: dict[str, "Source"]) -> dict[str, "Source"]:
@@ -939,6 +943,7 @@ __all__ = [
     "ShapesInfo",
     "conversation",
     "detailed_description",
+    "full_name_records",
     "generate_scene",
     "grounded_sentence",
     "held_out_pairs",
@@ -953,4 +958,5 @@ __all__ = [
     "short_captions",
     "split_sizes",
     "text_instruction",
+    "unique_full_name",
 ]

@@ -491,8 +491,8 @@ def drill_document(
         if phrase is not None:
             box = format_box(normalize_box(obj.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE))
             turns.append(("refer", instruction("refer", phrasing, phrase), box))
-            if full_names and sum(o.describe() == obj.describe() for o in scene.objects) == 1:
-                phrase = f"the {obj.describe()}"
+            if full_names:
+                phrase = world.unique_full_name(scene, obj) or phrase
             turns.append(("identify", instruction("identify", phrasing, box), phrase))
     rng.shuffle(turns)
     template = template_for_stage(4)
