@@ -7,7 +7,9 @@ WORLD is a shapes world (`tinygptv data make-shapes WORLD`, or the `world/` fold
 `tinygptv recipe micro` run). The model answers every question of the split in fp32, then with its
 language model quantized to int8 and to int4 (the same greedy protocol as `tinygptv eval shapes`),
 and the script prints, per mode and task, the share of answers identical to fp32 (the target is
->= 98 %) and each mode's own accuracy. On a GPU (``--device cuda``) the quantized modes run through
+>= 98 %), for box answers the share that name the same object (IoU >= 0.5 with fp32's box), and
+each mode's own accuracy. Add ``bf16`` to ``--modes`` to see how far the float precision alone moves
+the answers, with no quantization. On a GPU (``--device cuda``) the quantized modes run through
 bitsandbytes (:mod:`tinygptv.quantize_bnb`).
 """
 
@@ -61,15 +63,35 @@ def main(argv=None) -> int:
     first = args.modes[0]
     reference = runs[first]["predictions"]
     print(f"\nmodel: {args.model or 'built-in'}; split {args.split}; device {args.device}; torch threads {args.threads}")
-    print(f"| mode | task | n | answers identical to {first} (%) | accuracy (%) |")
-    print("|---|---|---|---|---|")
+    print(f"| mode | task | n | answers identical to {first} (%) | same box as {first} (IoU >= 0.5, %) | accuracy (%) |")
+    print("|---|---|---|---|---|---|")
     for mode, summary in runs.items():
         for task in args.tasks:
             ids = [q for q in reference if q.split("/")[1] == task]
             same = sum(summary["predictions"][q] == reference[q] for q in ids)
+            boxes = same_boxes(reference, summary["predictions"], ids)
             accuracy = summary["accuracy"][args.split][task]
-            print(f"| {mode} | {task} | {len(ids)} | {100 * same / max(len(ids), 1):.1f} | {accuracy:.1f} |")
+            n = max(len(ids), 1)
+            box_cell = "-" if boxes is None else f"{100 * boxes / n:.1f}"
+            print(f"| {mode} | {task} | {len(ids)} | {100 * same / n:.1f} | {box_cell} | {accuracy:.1f} |")
     return 0
+
+
+def same_boxes(reference: dict[str, str], answers: dict[str, str], ids: list[str]) -> int | None:
+    """How many of ``ids`` answer with a box that picks out the reference's object (IoU >= 0.5, the
+    `[refer]` benchmark's own criterion); None where the reference answers are not boxes. A box
+    answer is text of four coordinates, so a coordinate one step over, which the precision of the
+    float arithmetic alone can cause, makes the answer differ without changing the object it names."""
+    from tinygptv.data.boxes import box_iou, parse_box
+
+    wanted = [parse_box(reference[q]) for q in ids]
+    if not ids or sum(box is not None for box in wanted) < len(ids) / 2:
+        return None
+    count = 0
+    for q, box in zip(ids, wanted):
+        other = parse_box(answers[q])
+        count += box is not None and other is not None and box_iou(box, other) >= 0.5
+    return count
 
 
 if __name__ == "__main__":

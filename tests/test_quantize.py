@@ -30,7 +30,7 @@ def _linear(k=256, n=96, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_equals_matmul_with_dequantized_weights(cls, dtype):
     """The CPU kernels compute x @ dequantize().T up to how they round the activations: fbgemm (int8,
-    fp32 in) quantizes them to 8 bits per tensor (7 without VNNI), onnxruntime's int4 (the default
+    fp32 in) quantizes them to 8 bits per token (7 without VNNI), onnxruntime's int4 (the default
     where installed) to 8 bits per group, torch's int4 and the bf16 paths work in bf16."""
     layer = _linear()
     q = cls.from_linear(layer) if cls is Int8Linear else cls.from_linear(layer, group_size=64)
@@ -40,6 +40,56 @@ def test_kernel_equals_matmul_with_dequantized_weights(cls, dtype):
     assert got.dtype == dtype
     bound = 0.02 if (cls is Int8Linear and dtype == torch.float32) else 0.01
     assert ((got.float() - expected).norm() / expected.norm()).item() < bound
+
+
+def test_int8_rounds_each_token_on_its_own_range():
+    """A token 1,000x smaller than another in the same call (a text token beside image tokens, or a
+    short sequence in a batch) keeps its precision, a row with an offset too, and no row's result
+    depends on the other rows of the call: fbgemm's one scale for the whole matrix would round the
+    small row to nothing and tie each row's result to the others."""
+    layer = _linear()
+    q = Int8Linear.from_linear(layer)
+    x = torch.randn(5, 256)
+    x[0] *= 1000.0
+    x[2] *= 1e-3
+    x[3] += 50.0  # all positive: the range is [~47, ~53], not [-53, 53]
+    x[4] = 0.25  # constant
+    got = q(x) - layer.bias
+    expected = x @ q.dequantize().t()
+    for row in range(4):
+        error = (got[row] - expected[row]).norm() / expected[row].norm()
+        assert error.item() < 0.03, (row, error.item())
+    assert torch.allclose(got[4], expected[4], rtol=1e-5, atol=1e-6)  # a constant row is exact
+    for row in range(5):  # bitwise the same beside any other row
+        assert torch.equal(q(x[[row, (row + 1) % 5]])[0] - layer.bias, got[row]), row
+    assert torch.equal(q(x.flip(0)).flip(0) - layer.bias, got)
+
+
+def test_int8_language_model_answers_each_sequence_of_a_batch_as_alone():
+    """With an int8 language model, a batch's logits are each sequence's alone (the rows of one call
+    share no rounding), and so are batched greedy answers."""
+    from PIL import Image
+
+    from tinygptv.testing import word_tokenizer
+
+    model = _float_model()
+    quantize_language_model(model, "int8")
+    ids = torch.randint(4, 1000, (3, 24), generator=torch.Generator().manual_seed(2))
+    ids[1] = ids[1] % 7 + 4  # other tokens, so other activation ranges
+    with torch.no_grad():
+        together = model(ids).logits
+        for row in range(3):
+            assert torch.equal(model(ids[row : row + 1]).logits, together[row : row + 1]), row
+
+    torch.manual_seed(0)
+    model = TinyGPTV("tinygptv-tiny", tokenizer=word_tokenizer()).eval()
+    model.merge_lora()
+    quantize_language_model(model, "int8")
+    images = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 50), (0, 200, 0))]
+    questions = ["what color is it ?", "how many objects are there in the picture ?"]
+    batched = model.generate(images, questions, task="vqa", max_new_tokens=8)
+    alone = [model.generate([image], [question], task="vqa", max_new_tokens=8)[0] for image, question in zip(images, questions)]
+    assert batched == alone and all(batched)
 
 
 @pytest.mark.parametrize("cls,kernel", [(Int8Linear, "torch"), (Int4Linear, "torch"), (Int4Linear, "onnxruntime")])
@@ -489,3 +539,17 @@ def test_int4_fusion_benchmark_runs(capsys, monkeypatch):
     summary = json.loads(out.strip().splitlines()[-1])
     assert set(summary) == {"separate", "fused"} and all(v["median_decode_tok_s"] > 0 for v in summary.values())
     assert "fused: 3 groups" in out  # tinygptv-micro: four decoder layers, the first one int8
+
+
+def test_agreement_benchmark_counts_a_box_one_step_over_as_the_same_object():
+    """bench_quantize_agreement's box column: a coordinate one step off names the same object, a box
+    around another object or an unreadable answer does not, and text answers get no box column."""
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_quantize_agreement")
+    reference = {"t/refer/1": "{<10><10><40><40>}", "t/refer/2": "{<10><10><40><40>}", "t/refer/3": "{<50><50><90><90>}"}
+    answers = {"t/refer/1": "{<10><11><40><40>}", "t/refer/2": "{<60><60><90><90>}", "t/refer/3": "a star"}
+    ids = list(reference)
+    assert bench.same_boxes(reference, answers, ids) == 1
+    assert bench.same_boxes(reference, reference, ids) == 3
+    assert bench.same_boxes({"t/vqa/1": "3"}, {"t/vqa/1": "3"}, ["t/vqa/1"]) is None

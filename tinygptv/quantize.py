@@ -27,10 +27,11 @@ layers that read the same input (Phi's q, k, v and fc1) run as one call
 six per decoder layer away (Phi-2 decode 7.16 -> 7.80 tok/s, medians of 10 alternating rounds,
 ``benchmarks/bench_int4_fusion.py``).
 
-fbgemm quantizes the activations too (per tensor, 8 bits; 7 on CPUs without VNNI), which is what
-makes it fast (int8 dot products) and is the one approximation beyond the weights' rounding: ~1% of
-a layer's output on random data, more where a few input channels are much larger than the rest (for
-weight-only int8 run the model in bf16, which takes the int8pack kernel); torch's int4
+fbgemm quantizes the activations too (8 bits; 7 on CPUs without VNNI; each token on its own range,
+as :class:`Int8Linear` maps every row onto [-1, 1] first), which is what makes it fast (int8 dot
+products) and is the one approximation beyond the weights' rounding: ~1% of a layer's output on
+random data, more where a few input channels are much larger than the rest (for weight-only int8
+run the model in bf16, which takes the int8pack kernel); torch's int4
 kernel only exists vectorised for bf16 activations, so Int4Linear casts to bf16 around it, and
 onnxruntime's rounds them to int8 per group of the input (:class:`OrtInt4Matmul`). Everything
 outside these matmuls runs in the model's float dtype, so the norms TinyGPT-V adds (QK LayerNorm,
@@ -220,7 +221,7 @@ class OrtInt4Matmul:
     ``MatMulNBits`` without zero points computes ``(q - 8) * scale`` per group, which is our format
     less its float ``zero``; the zero's share, ``sum_g zero[n, g] * sum_{i in g} x[i]``, is a small
     (M, G) x (G, N) matmul in the same graph. ``accuracy_level=4`` makes MLAS round the activations
-    to int8 per group of the input (symmetric, per block: finer than fbgemm's per-tensor rounding)
+    to int8 per group of the input (symmetric, per block: finer than fbgemm's per-token rounding)
     and use int8 dot products. Measured at Phi-2's shapes, one token, 2 threads, the six Linear
     layers of a decoder layer, 16 layers with distinct weights (so from memory, not cache): 2.4 ms
     per layer against 6.6 ms for ``aten._weight_int4pack_mm_for_cpu`` and 2.7 ms for fbgemm's
@@ -361,10 +362,14 @@ class Int8Linear(_WeightOnlyLinear):
         """Bytes of weights read per forward: the codes and the scales (not the bias)."""
         return self.out_features * (self.in_features + self.scale.element_size())
 
+    _row_sums = None  # (N,) sum over k of the dequantized weight, with the packed layout
+
     def pack(self) -> None:
         """fbgemm's packed matrix (what float32 activations run on); it holds codes and scales."""
         if self._packed is not None or not _fbgemm_available():
             return
+        # exact integer sums, one rounding: what _fbgemm needs to undo its shift of the input rows
+        self._row_sums = self.qweight.sum(dim=1, dtype=torch.int32).float() * self.scale
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's packing still takes one
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
@@ -374,12 +379,38 @@ class Int8Linear(_WeightOnlyLinear):
     def _cpu_kernel(self, x2: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor | None:
         if x2.dtype == torch.float32 and _fbgemm_available():
             self.pack()
-            return torch.ops.quantized.linear_dynamic(x2, self._packed, _needs_reduced_range())
+            return self._fbgemm(x2)
         # bf16: the int8pack kernel needs in_features % 16 == 0 (other widths crash, seen with torch 2.13)
         if x2.dtype != torch.bfloat16 or self.in_features % 16:
             return None
         self._restore_codes()
         return torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale.to(x2.dtype))
+
+    def _fbgemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 @ W.T on fbgemm, each row of x2 rounded to 8 bits (7 without VNNI) on its own range.
+
+        fbgemm picks one scale and zero point from the min and max of the whole (M, K) input, so a
+        row far smaller than the largest (a text token beside image tokens, one sequence of a batch)
+        would keep only a few levels, and a row's result would depend on the others in the call.
+        Each row is first mapped onto exactly [-1, 1], ``x = c + h * u``, and the output put back,
+        ``x @ W.T = h * (u @ W.T) + c * W.sum(1)`` (the layer is linear; the bias comes after):
+        every row then gets the rounding it would get alone, on its own min and max. One row
+        (decoding one sequence) is left to fbgemm, whose range is then the row's own: the mapping's
+        handful of small ops would cost ~5 % of a Phi-2 decode step."""
+        if x2.shape[0] == 1:
+            return torch.ops.quantized.linear_dynamic(x2, self._packed, _needs_reduced_range())
+        high, top = x2.max(dim=1, keepdim=True)
+        low, bottom = x2.min(dim=1, keepdim=True)
+        centre = (high + low) / 2
+        half = ((high - low) / 2).clamp_(min=torch.finfo(x2.dtype).tiny)
+        unit = ((x2 - centre) / half).clamp_(-1.0, 1.0)
+        unit.scatter_(1, top, 1.0).scatter_(1, bottom, -1.0)  # the ends exactly: the same range for every row
+        out = torch.ops.quantized.linear_dynamic(unit, self._packed, _needs_reduced_range())
+        return out.mul_(half).addcmul_(centre, self._row_sums)
+
+    def _restore_codes(self) -> None:
+        super()._restore_codes()
+        self._row_sums = None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
