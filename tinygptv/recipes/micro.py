@@ -111,7 +111,7 @@ class MicroRecipe:
     42.3 against 38.8; README)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=2000,
+            steps=3000,
             batch_size=32,
             lr=4e-3,
             min_lr=1e-4,
@@ -123,12 +123,14 @@ class MicroRecipe:
             pretrained_projections=True,
         )
     )
-    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 2,000
+    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 3,000
     steps: its final loss falls with every lengthening (700 steps: 6.97 at the end, in a run with
-    soft coordinate targets; 1,000: 4.73; 1,500: 4.19; 2,000: 4.00), and so does the whole model's
-    [refer] error (after stage 4, first 200 per task, test VQA / refer / identify: 700 steps 80.0 /
-    28.5 / 30.5 %, 1,000 82.5 / 34.5 / 37.5, 1,500 85.5 / 45.0 / 40.5, 2,000 87.5 / 53.5 / 39.5;
-    the last two with the stage settings of session 15). Each 500 steps cost ~350 s on two cores."""
+    soft coordinate targets; 1,000: 4.73; 1,500: 4.19; 2,000: 4.00; 3,000: ~3.2, against the
+    2,000-step LM), and so does the whole model's [refer] error (after stage 4, first 200 per task,
+    test VQA / refer / identify: 700 steps 80.0 / 28.5 / 30.5 %, 1,000 82.5 / 34.5 / 37.5, 1,500
+    85.5 / 45.0 / 40.5, 2,000 87.5 / 53.5 / 39.5, the last two with the stage settings of session
+    15; with today's LM and stage 4, whole test split, 2,000 steps 88.3 / 61.7 / 58.0, 3,000 89.3 /
+    65.6 / 58.8). Each 500 steps cost ~350-400 s on two cores."""
     calibrated_norms: bool = True
     """Start TinyGPT-V's added norms (QK LayerNorms, post-attention RMSNorms) as close to the identity
     as each can be on the pretrained micro LM's own activations (:func:`calibrate_added_norms`, on
