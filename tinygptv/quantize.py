@@ -396,7 +396,8 @@ class Int8Linear(_WeightOnlyLinear):
         ``x @ W.T = h * (u @ W.T) + c * W.sum(1)`` (the layer is linear; the bias comes after):
         every row then gets the rounding it would get alone, on its own min and max. One row
         (decoding one sequence) is left to fbgemm, whose range is then the row's own: the mapping's
-        handful of small ops would cost ~5 % of a Phi-2 decode step."""
+        ten small ops took ~80 us a call here (2 threads, a loaded machine), against ~0.6 ms for
+        one of Phi-2's projections at one token."""
         if x2.shape[0] == 1:
             return torch.ops.quantized.linear_dynamic(x2, self._packed, _needs_reduced_range())
         high, top = x2.max(dim=1, keepdim=True)
