@@ -369,7 +369,9 @@ class Int8Linear(_WeightOnlyLinear):
         if self._packed is not None or not _fbgemm_available():
             return
         # exact integer sums, one rounding: what _fbgemm needs to undo its shift of the input rows
-        self._row_sums = self.qweight.sum(dim=1, dtype=torch.int32).float() * self.scale
+        # (in row pieces, so the int32 temporary stays small beside the packing's own)
+        sums = [self.qweight[rows].sum(dim=1, dtype=torch.int32) for rows in _row_chunks(self.out_features)]
+        self._row_sums = torch.cat(sums).float() * self.scale
         zeros = torch.zeros(self.out_features, dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm's packing still takes one
             warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
