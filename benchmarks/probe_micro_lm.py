@@ -12,7 +12,9 @@ with a perfect vision encoder and Q-Former, the model could answer no better. ``
 every box corner of the scene the LM reads (not those in the questions) by up to J box units, as a
 Q-Former that writes boxes near the truth would: how much an answer needs exact boxes.
 
-Prints one JSON object: accuracy (%) and count per task and per VQA question kind, ``identify_chance``
+Prints one JSON object: accuracy (%) and count per task and per VQA question kind, ``refer/by_shape``
+(the ``[refer]`` questions that name the object by its shape alone), ``identify/size_shared`` (the
+``[identify]`` boxes around an object whose size another object of the scene shares), ``identify_chance``
 (what naming a random object of the scene by size, colour and shape would score), and for colour
 and shape questions answered wrongly, how many named another object's colour / shape in the scene
 (a binding error: the right kind of word, from the wrong object).
@@ -74,8 +76,12 @@ def ask_scene(answer, scene, held_out, scores, binding=None) -> None:
             continue
         iou, _ = refer_iou(answer("refer", instruction("refer", None, phrase)), obj.box, size, size)
         scores["refer"].append(float(iou > 0.5))
+        if phrase == f"the {obj.shape}":  # named by its shape alone
+            scores["refer/by_shape"].append(float(iou > 0.5))
         said = answer("identify", instruction("identify", None, format_box(normalize_box(obj.box, size, size))))
         scores["identify"].append(float(objects_described(said, scene.objects) == [k]))
+        if sum(o.size == obj.size for o in scene.objects) > 1:  # its size alone does not say which
+            scores["identify/size_shared"].append(float(objects_described(said, scene.objects) == [k]))
         scores["identify_chance"].append(sum(n == [k] for n in named) / len(scene.objects))
 
 

@@ -312,6 +312,73 @@ def test_short_prompt_drills_ask_the_same_questions_in_the_first_phrasing():
                 assert other.split("{}")[0].strip() not in text
 
 
+def _drill_scene(index, held_out):
+    from tinygptv.data import shapes as world
+    from tinygptv.recipes.pretrain import DRILL_IMAGE_IDS
+
+    scene = world.generate_scene(0, DRILL_IMAGE_IDS + index, "train", held_out)
+    world.measure_boxes(scene, world.render(scene))
+    return scene
+
+
+def _turns(tokenizer, ids, task):
+    """(question, answer) of a drill's turns of ``task``."""
+    turns = [t.split("[/INST]") for t in tokenizer.decode(ids).split("[INST]")[1:] if f"[{task}]" in t]
+    return [(q.split(f"[{task}]")[1].strip(), a.split("###")[0]) for q, a in turns]
+
+
+def test_color_first_drills_ask_every_colour_question_of_the_scene_before_other_kinds():
+    from tinygptv.data import shapes as world
+    from tinygptv.data.shapes import held_out_pairs
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    asked = {False: 0, True: 0}
+    for index in range(20):
+        scene = _drill_scene(index, held_out)
+        color = {qa.question: qa.answer for qa in world.questions(scene, 0, held_out, 1 << 10) if qa.kind == "color"}
+        drills = {first: drill_document(tokenizer, index, 0, held_out, short_prompts=True, color_first=first) for first in asked}
+        for first, (ids, _) in drills.items():
+            vqa = _turns(tokenizer, ids, "vqa")
+            assert len(vqa) == 6 and any(q == "How many objects are there?" for q, _ in vqa)
+            said = [(q, a) for q, a in vqa if q in color]
+            assert all(color[q] == a for q, a in said)  # right answers
+            asked[first] += len(said)
+            if first:
+                assert len(said) == min(len(color), 4)  # all of them, up to the 4 after count and existence
+        # the refer and identify turns are untouched
+        for task in ("refer", "identify"):
+            assert sorted(_turns(tokenizer, drills[True][0], task)) == sorted(_turns(tokenizer, drills[False][0], task))
+    assert asked[True] > 2 * asked[False]
+
+
+def test_shape_phrase_drills_name_an_object_by_its_shape_wherever_that_picks_it_out():
+    from tinygptv.data.boxes import format_box, normalize_box
+    from tinygptv.data import shapes as world
+    from tinygptv.data.shapes import held_out_pairs
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    changed = 0
+    for index in range(20):
+        scene = _drill_scene(index, held_out)
+        ids, _ = drill_document(tokenizer, index, 0, held_out, short_prompts=True, shape_phrases=True)
+        plain, _ = drill_document(tokenizer, index, 0, held_out, short_prompts=True)
+        boxes = {format_box(normalize_box(o.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE)): o for o in scene.objects}
+        for (question, box), (before, same_box) in zip(
+            sorted(_turns(tokenizer, ids, "refer"), key=lambda t: t[1]), sorted(_turns(tokenizer, plain, "refer"), key=lambda t: t[1])
+        ):
+            assert box == same_box
+            obj = boxes[box]
+            if sum(o.shape == obj.shape for o in scene.objects) == 1:
+                assert question.endswith(f"the {obj.shape}?")
+                changed += question != before
+            else:
+                assert question == before
+        assert _turns(tokenizer, ids, "identify") == _turns(tokenizer, plain, "identify")
+    assert changed > 5
+
+
 def test_target_positions_loss_equals_the_causal_lm_loss_and_its_gradients():
     from tinygptv.config import get_preset
     from tinygptv.model.language import build_language_model
