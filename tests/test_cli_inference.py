@@ -167,3 +167,28 @@ def test_bench_json_has_the_documented_fields(kernel, monkeypatch):
     assert data["preset"] == "tinygptv-micro" and data["quantize"] == "int4" and data["int4_kernel"] == kernel
     assert data["quantized_linears"] == 4 * 6 + 1  # every decoder projection and the LM head
     assert data["decode_tok_s"] > 0 and data["limit_decode_tok_s"] > 0 and data["peak_rss_gb"] > 0
+
+
+def test_stream_timing_takes_prefill_and_decode_from_one_stream(tiny_model, monkeypatch):
+    """The decode rate is timed within the stream it reports on: a prefill that happens to run slowly in
+    another call (a busy machine) cannot make it negative, as subtracting a prefill timed on its own did."""
+    import time
+
+    from tinygptv.bench import _time_stream
+
+    lm = tiny_model.lm
+    forward, calls = lm.forward, {"prefills": 0}
+
+    def uneven(*args, **kwargs):
+        if kwargs.get("inputs_embeds") is not None:  # a prefill
+            calls["prefills"] += 1
+            if calls["prefills"] == 2:  # the second prefill (the first after the warm-up) is slow
+                time.sleep(0.3)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(lm, "forward", uneven)
+    embeds = torch.randn(1, 6, tiny_model.config.language.hidden_size)
+    with torch.inference_mode():
+        row = _time_stream(lm, embeds, 4, 0.5)
+    assert row["decode_tok_s"] > 0
+    assert row["prefill_s"] >= 0.3 and row["ttft_s"] == round(row["prefill_s"] + 0.5, 3)

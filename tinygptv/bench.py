@@ -225,18 +225,22 @@ def _time_stream(lm, embeds, new_tokens: int, encode_s: float) -> dict:
     """Prefill and decode speed of our KV-cached loop (:func:`tinygptv.generate.stream_tokens`)."""
     from tinygptv.generate import SamplingParams, new_cache, stream_tokens
 
-    one = SamplingParams(max_new_tokens=1)
     # Warm-up, prefill and two decode steps: packs quantized weights, and on a GPU loads the kernels of
     # both shapes (a first call of a CUDA kernel loads its module: seconds, which would count as decode).
     list(stream_tokens(lm, embeds, new_cache(lm), SamplingParams(max_new_tokens=3), []))
+    # One stream, timed at its first token (the prefill and the first sampling; the token's id is read
+    # on the host, so a GPU has finished) and at its last: the decode rate is that of the tokens after
+    # the first. (Subtracting a prefill timed in a call of its own made short decodes on a busy
+    # machine come out negative.)
+    stream = stream_tokens(lm, embeds, new_cache(lm), SamplingParams(max_new_tokens=new_tokens), [])
     t = time.perf_counter()
-    list(stream_tokens(lm, embeds, new_cache(lm), one, []))
-    prefill = time.perf_counter() - t
-    t = time.perf_counter()
-    n = len(list(stream_tokens(lm, embeds, new_cache(lm), SamplingParams(max_new_tokens=new_tokens), [])))
-    total = time.perf_counter() - t
+    next(stream)
+    first = time.perf_counter()
+    n = 1 + sum(1 for _ in stream)
+    end = time.perf_counter()
+    prefill = first - t
     return {"prefill_s": round(prefill, 3), "ttft_s": round(prefill + encode_s, 3),
-            "decode_tok_s": round((n - 1) / (total - prefill), 2)}
+            "decode_tok_s": round((n - 1) / (end - first), 2) if n > 1 else 0.0}
 
 
 def _time_hf_generate(lm, embeds, new_tokens: int, encode_s: float) -> dict:
