@@ -235,6 +235,27 @@ def test_identify_full_names_pick_out_the_boxed_object(world, truth):
         shapes_sources(world, 4, identify_names="long")
 
 
+def test_identify_placed_names_start_with_where_the_boxed_object_is(world, truth):
+    """``identify_names="placed"``: each answer is the boxed object's position words (thirds of its
+    box centre, seen in the pixels) and its full name, where no other object shares both, else the
+    world's phrase; the questions are those of the world's own records."""
+    shortest = shapes_sources(world, 4, split="train")[0]["shapes_identify"]
+    placed = shapes_sources(world, 4, split="train", identify_names="placed")[0]["shapes_identify"]
+    name = lambda o: f"the {o['position']} {o['size']} {o['color']} {o['shape']}"
+    renamed = 0
+    for k, record in enumerate(placed.records):
+        before, after = shortest[k], placed[k]
+        assert after.turns[0].user == before.turns[0].user
+        objects = truth[int(record[0][:-4])]
+        (boxed,) = [o for o in objects if normalize_box(o["box"], 224, 224) == parse_box(after.turns[0].user)]
+        if [o for o in objects if name(o) == name(boxed)] == [boxed]:
+            assert after.turns[0].assistant == name(boxed)
+            renamed += 1
+        else:
+            assert after.turns[0].assistant == before.turns[0].assistant
+    assert renamed > 0.9 * len(placed.records)
+
+
 def test_grounded_captions_match_pixels(world, truth):
     for split in SPLITS:
         source = Flickr30kEntities(world / "grounding", world / "images" / "224", split=split, image_ext=".png")

@@ -486,6 +486,42 @@ def test_full_name_drills_answer_identify_with_size_colour_and_shape():
     assert checked > 20
 
 
+def test_placed_name_drills_answer_identify_with_position_then_full_name():
+    """``placed_names``: every ``[identify]`` answer of a drill is "the {position} {size} {colour}
+    {shape}" of the boxed object (the benchmark's reader picks exactly that object from it), and
+    every other turn is the drill without the option."""
+    from tinygptv.data.boxes import parse_box
+    from tinygptv.data.boxes import normalize_box
+    from tinygptv.data.shapes import held_out_pairs
+    from tinygptv.eval.shapes import objects_described
+    from tinygptv.recipes.pretrain import DRILL_IMAGE_IDS
+
+    from tinygptv.data import shapes as world
+
+    tokenizer = _tokenizer()
+    held_out = held_out_pairs(0)
+    checked = 0
+    for index in range(20):
+        ids, _ = drill_document(tokenizer, index, 0, held_out, full_names=True, placed_names=True)
+        plain_ids, _ = drill_document(tokenizer, index, 0, held_out, full_names=True)
+        scene = world.generate_scene(0, DRILL_IMAGE_IDS + index, "train", held_out)
+        world.measure_boxes(scene, world.render(scene))
+        for turn in tokenizer.decode(ids).split("[INST]")[1:]:
+            if "[identify]" not in turn:
+                continue
+            question, answer = turn.split("[/INST]")
+            answer = answer.split("###")[0]
+            box = parse_box(question)
+            (boxed,) = [k for k, o in enumerate(scene.objects) if normalize_box(o.box, world.CANONICAL_SIZE, world.CANONICAL_SIZE) == box]
+            obj = scene.objects[boxed]
+            assert answer == f"the {obj.position()} {obj.describe()}"
+            assert objects_described(answer, scene.objects) == [boxed]
+            checked += 1
+        strip = lambda t: [turn for turn in tokenizer.decode(t).split("[INST]") if "[identify]" not in turn]
+        assert strip(ids) == strip(plain_ids)
+    assert checked > 20
+
+
 def test_recipe_settings_are_set_from_text_with_their_types():
     recipe = MicroRecipe()
     recipe.set("lm.drill_short_prompts", "true")

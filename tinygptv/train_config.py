@@ -47,10 +47,10 @@ class DataConfig:
     ratios: dict[str, float] = field(default_factory=dict)
     """``shapes``: sampling weights that replace the world's own for the named sets of the stage
     (e.g. ``{shapes_refer: 25}``; :data:`~tinygptv.data.shapes.STAGE4_RATIOS`); the others keep theirs."""
-    identify_names: Literal["shortest", "full"] = "shortest"
+    identify_names: Literal["shortest", "full", "placed"] = "shortest"
     """``shapes``: what stage 4's ``[identify]`` samples answer: the world's shortest referring phrase,
-    or the object's full name (size, colour, shape) wherever that picks it out alone
-    (:func:`~tinygptv.data.shapes.shapes_sources`)."""
+    the object's full name (size, colour, shape) wherever that picks it out alone, or its position
+    and full name ("the top left large red star") (:func:`~tinygptv.data.shapes.shapes_sources`)."""
     val_datasets: dict[str, MixEntry] = field(default_factory=dict)
     """``mix``: held-out datasets that ``validate`` scores (needed when ``val_batches`` > 0)."""
     template: str | None = None

@@ -805,7 +805,7 @@ STAGE4_RATIOS = {
 """Stage-4 sample ratios of the shapes world (the paper weighs its sets in the same spirit)."""
 
 
-IDENTIFY_NAMES = ("shortest", "full")
+IDENTIFY_NAMES = ("shortest", "full", "placed")
 """How a stage-4 ``[identify]`` sample names its object (:func:`shapes_sources`)."""
 
 
@@ -825,7 +825,10 @@ def shapes_sources(
     or ``full``, the object's size, colour and shape ("the large red star") wherever those pick it
     out alone, else the world's phrase (:func:`full_name_records`). Both are right answers (the
     benchmark accepts any phrase that describes that object alone); a full name is the object's own
-    words, where the shortest phrase depends on every other object of the scene.
+    words, where the shortest phrase depends on every other object of the scene. ``placed``: the
+    object's position, then its full name ("the top left large red star", :func:`placed_name`):
+    the position words follow from the question's box alone, and once written they pick the object
+    out in all but a few scenes, so the words after them are read off that object.
     """
     if identify_names not in IDENTIFY_NAMES:
         raise ValueError(f"unknown identify_names {identify_names!r}; known: {', '.join(IDENTIFY_NAMES)}")
@@ -883,18 +886,20 @@ def shapes_sources(
         ),
         "shapes_text": UnnaturalInstructions(root / "text" / f"{split}.jsonl", name="shapes_text"),
     }
-    if identify_names == "full":
+    if identify_names != "shortest":
         identify = sources["shapes_identify"]
-        identify.records = full_name_records(identify.records, load_scenes(root, split))
+        identify.records = full_name_records(identify.records, load_scenes(root, split), placed=identify_names == "placed")
     _whole_images(sources)
     return sources, dict(STAGE4_RATIOS)
 
 
-def full_name_records(records: Sequence[tuple], scenes: Sequence[Scene]) -> list[tuple]:
+def full_name_records(records: Sequence[tuple], scenes: Sequence[Scene], placed: bool = False) -> list[tuple]:
     """The shapes world's RefCOCO records (``(file_name, width, height, bbox, phrase, ref_id)``,
     ``ref_id`` = image id * 10 + the object's index in its scene) with each phrase replaced by the
     object's full name, "the {size} {colour} {shape}", where no other object of its scene has the
-    same one; a phrase for an object that shares its full name stays as the world wrote it."""
+    same one (``placed``: :func:`placed_name`, its position first); a phrase for an object that
+    no such name picks out stays as the world wrote it."""
+    name = placed_name if placed else unique_full_name
     by_id = {scene.image_id: scene for scene in scenes}
     renamed = []
     for record in records:
@@ -902,7 +907,7 @@ def full_name_records(records: Sequence[tuple], scenes: Sequence[Scene]) -> list
         scene = by_id.get(int(ref_id) // 10)
         if scene is None:
             raise ValueError(f"ref {ref_id} names image {int(ref_id) // 10}, which has no scene in this split")
-        renamed.append((*head, unique_full_name(scene, scene.objects[int(ref_id) % 10]) or phrase, ref_id))
+        renamed.append((*head, name(scene, scene.objects[int(ref_id) % 10]) or phrase, ref_id))
     return renamed
 
 
@@ -911,6 +916,14 @@ def unique_full_name(scene: Scene, obj: ShapeObject) -> str | None:
     else None (then only a phrase with its position picks it out)."""
     name = obj.describe()
     return f"the {name}" if sum(other.describe() == name for other in scene.objects) == 1 else None
+
+
+def placed_name(scene: Scene, obj: ShapeObject) -> str | None:
+    """"the {position} {size} {colour} {shape}" of ``obj`` ("the top left large red star") when no
+    other object of ``scene`` has the same, else None."""
+    where = obj.position()
+    same = [o for o in scene.objects if o.describe() == obj.describe() and o.position() == where]
+    return f"the {where} {obj.describe()}" if len(same) == 1 else None
 
 
 def _whole_images(sources: dict[str, "Source"]) -> dict[str, "Source"]:
