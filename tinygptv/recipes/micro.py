@@ -96,6 +96,7 @@ class MicroRecipe:
             seq_len=224,
             drill_short_prompts=True,
             drill_full_names=True,
+            drill_placed_names=True,
             head_at_targets_only=True,
             object_tokens=True,
             object_positions=True,
@@ -108,7 +109,11 @@ class MicroRecipe:
     validation images), and since stage 4 answers ``[identify]`` with full names as the drills do
     (``configs/micro/stage4.yaml``), so does the whole model (whole test split 55.4 % against
     39.0, both with stage 4 of 800 steps; with the world's shortest phrases in stage 4 it did not:
-    42.3 against 38.8; README)."""
+    42.3 against 38.8; README). Its ``[identify]`` answers start with the object's position ("the
+    top left large red star", ``drill_placed_names``, as stage 4 answers): with full names the LM
+    found the object by the size word it had just written; the position words follow from the box
+    and then pick the object out (the LM alone, 300 validation images: ``[identify]`` 64.6 ->
+    82.8 %, ``[refer]`` 64.3 -> 93.8 %, VQA 89.5 -> 90.3 %; README)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
             steps=3000,
