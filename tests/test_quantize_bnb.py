@@ -132,3 +132,24 @@ def test_cuda_benchmark_runs_on_the_cpu(tmp_path):
     assert rows["int8"]["cosine_to_bf16"] > 0.99 and rows["int4"]["cosine_to_bf16"] > 0.9
     summary = results["train"]["summary"]
     assert set(summary) == {"cpu-fp32", "cpu-bf16"} and all(v["ok"] for v in summary.values()), summary
+
+
+@pytest.mark.parametrize("width", [160, 96, 256])
+def test_a_narrow_nf4_layer_is_decoded_as_it_was_coded(width):
+    """A layer whose width is not a multiple of 64 (the micro model's 160) gets NF4 blocks of 32:
+    bitsandbytes' CPU kernels on some CPUs (avx512_bf16) decode blocks of 64 wrongly for such rows
+    (cosine 0.97 to the float layer instead of 0.996). The layer's output stays that close here."""
+    from tinygptv.quantize_bnb import INT4_BLOCKSIZE, bnb_linear, int4_blocksize
+
+    assert int4_blocksize(width) == (INT4_BLOCKSIZE if width % 64 == 0 else 32)
+    torch.manual_seed(0)
+    linear = nn.Linear(width, 2 * width)
+    with torch.no_grad():
+        linear.weight.normal_(0.0, 0.02)
+        linear.bias.zero_()
+    layer = bnb_linear(linear, "int4", "cpu", torch.float32).eval()
+    assert layer.weight.blocksize == int4_blocksize(width)
+    x = torch.randn(4, width)
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(layer(x).flatten(), linear(x).flatten(), dim=0)
+    assert cosine.item() > 0.99, cosine

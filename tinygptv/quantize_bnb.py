@@ -6,7 +6,8 @@ Linear layers to bitsandbytes, the library the original TinyGPT-V uses for its 8
 * ``int8``: ``bnb.nn.Linear8bitLt``, LLM.int8() (int8 codes per output row, absmax scale; input
   columns holding an activation above :data:`INT8_THRESHOLD` run in 16 bits), as transformers'
   ``BitsAndBytesConfig(load_in_8bit=True)`` sets it up;
-* ``int4``: ``bnb.nn.Linear4bit``, NF4 codes in blocks of 64 with double-quantized scales, matmuls
+* ``int4``: ``bnb.nn.Linear4bit``, NF4 codes in blocks of 64 (32 for narrow layers whose width 64
+  does not divide, :func:`int4_blocksize`) with double-quantized scales, matmuls
   in the model's float dtype (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True)``).
 
@@ -35,6 +36,28 @@ INT8_THRESHOLD = 6.0
 """LLM.int8()'s outlier threshold (bitsandbytes' and transformers' default)."""
 
 INT4_QUANT_TYPE = "nf4"
+
+INT4_BLOCKSIZE = 64
+"""NF4 block (bitsandbytes' and transformers' default)."""
+
+
+def int4_blocksize(in_features: int) -> int:
+    """:data:`INT4_BLOCKSIZE`, or 32 where that divides ``in_features`` and 64 does not.
+
+    bitsandbytes 0.50's CPU kernels (on an Intel Xeon with avx512_bf16 and AMX; not on an AVX2-only
+    AMD EPYC) dequantize a 4-bit weight right only when its rows hold whole blocks: with blocks of
+    64, a width-160 layer's weights came back at cosine 0.969 to the originals (its own codes and
+    scales, decoded by hand: 0.996), and a micro model's last-token logits at 0.80. Blocks of 32 fit
+    such rows (0.996). Real-size models (Phi-2: 2560, 10240) keep 64."""
+    if in_features % INT4_BLOCKSIZE and in_features % 32 == 0:
+        return 32
+    return INT4_BLOCKSIZE
+
+
+BNB_CPU_PACK_ROWS = 32
+"""Output rows per block of bitsandbytes' repacked 4-bit CPU weights (``block_n``): with
+avx512_bf16, a layer whose out_features is not a multiple of it, or whose in_features is not a
+multiple of the quantization block, cannot be repacked (:func:`bnb_linear`)."""
 
 
 class _DropFp16CastNotice(logging.Filter):
@@ -92,8 +115,13 @@ def bnb_linear(linear: nn.Linear, mode: str, device: str | torch.device, compute
             compute_dtype=compute_dtype, compress_statistics=True, quant_type=INT4_QUANT_TYPE, device="meta",
         )
         new.weight = bnb.nn.Params4bit(
-            weight, requires_grad=False, compress_statistics=True, quant_type=INT4_QUANT_TYPE, module=new
+            weight, requires_grad=False, blocksize=int4_blocksize(linear.in_features), compress_statistics=True,
+            quant_type=INT4_QUANT_TYPE, module=new,
         )
+        if linear.in_features % new.weight.blocksize or linear.out_features % BNB_CPU_PACK_ROWS:
+            # On CPUs with avx512_bf16, bitsandbytes 0.50 repacks a 4-bit weight for its fast kernel on
+            # the first forward, and that repacking fails for these shapes: keep its plain CPU path.
+            new.support_avx512bf16_for_cpu = False
     else:
         raise ValueError(f"unknown quantization {mode!r}; choose int8 or int4")
     if linear.bias is not None:
