@@ -1144,7 +1144,8 @@ def test_readout_fit_is_the_least_squares_map_from_queries_to_scene_rows(toy_run
         floor = float(((x @ best - wanted) ** 2).sum())
     assert after < 0.05 * before
     # the least-squares optimum (up to the small ridge and float32 weights), through both projections
-    assert floor <= after < 1.002 * floor
+    # (the float32 factors cost 0.1 % over the float64 floor on an AMD EPYC, 0.21 % on an Intel Xeon)
+    assert floor <= after < 1.005 * floor
 
 
 def test_readout_probe_reads_true_scenes_as_the_language_model_probe_does(toy_run, capsys, tmp_path):
