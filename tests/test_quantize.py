@@ -281,37 +281,6 @@ def test_vision_int8_only_where_it_pays():
     assert dynamic(model.vision) > 0 and dynamic(model.qformer) > 0
 
 
-@pytest.mark.parametrize("engine", ["x86", "onednn"])
-def test_vision_int8_by_either_engine_stays_close_and_leaves_the_engine_as_it_was(engine):
-    """The vision encoder's int8 layers packed by fbgemm (``x86``) or by oneDNN (what AMX CPUs get,
-    :func:`vision_int8_engine`) encode an image as the float encoder does (cosine >= 0.99), and
-    keep their engine's kernels after the global engine is put back."""
-    from tinygptv.quantize import quantize_vision_dynamic
-
-    if engine not in torch.backends.quantized.supported_engines:
-        pytest.skip(f"torch has no {engine} engine here")
-    model = _float_model().eval()
-    pixels = random_pixels(2, 224)
-    before = torch.backends.quantized.engine
-    with torch.no_grad():
-        ref = model.encode_queries(pixels)
-        quantize_vision_dynamic(model, min_width=0, engine=engine)
-        assert torch.backends.quantized.engine == before
-        got = model.encode_queries(pixels)
-    assert sum(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.vision.modules()) > 0
-    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item() >= 0.99
-
-
-def test_amx_cpus_pack_the_vision_int8_layers_with_onednn(monkeypatch):
-    from tinygptv.quantize import vision_int8_engine
-
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    expected = "onednn" if "onednn" in torch.backends.quantized.supported_engines else torch.backends.quantized.engine
-    assert vision_int8_engine() == expected
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert vision_int8_engine() == torch.backends.quantized.engine
-
-
 def test_unmerged_lora_is_refused():
     model = TinyGPTV("tinygptv-tiny")
     with pytest.raises(ValueError, match="merge LoRA"):

@@ -915,47 +915,22 @@ it int8 only costs accuracy: on the built-in model (width 128 / 160) it changed 
 ``[refer]`` answers of an int8 language model."""
 
 
-def vision_int8_engine() -> str:
-    """The quantized engine that packs the vision encoder's int8 layers: ``onednn`` on CPUs with AMX
-    (its int8 matmuls use the tile unit; fbgemm's do not), else the default (``x86``: fbgemm).
-
-    Measured with 2 threads on an Intel Xeon with AMX, EVA-ViT-g on one 224 px image: fbgemm 0.80 s,
-    oneDNN 0.52 s (fp32 2.68 s, bf16 0.43 s, but bf16 holds the ViT's 1B weights in twice the
-    bytes of int8: +1 GB at peak, over the memory targets). For the language model's decode steps
-    (one row) oneDNN is slower (9.4 ms per Phi-2 layer against fbgemm's 3.4), so only the vision
-    side takes it. A layer packed by one engine keeps that engine's kernels whatever the engine is
-    when it runs."""
-    engines = torch.backends.quantized.supported_engines
-    try:
-        amx = bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # a torch without the query: assume none
-        amx = False
-    return "onednn" if amx and "onednn" in engines else torch.backends.quantized.engine
-
-
-def quantize_vision_dynamic(model, min_width: int = VISION_INT8_MIN_WIDTH, engine: str | None = None) -> None:
+def quantize_vision_dynamic(model, min_width: int = VISION_INT8_MIN_WIDTH) -> None:
     """int8 dynamic quantization of the vision encoder's and Q-Former's Linear layers, for CPU
-    inference, each where it pays (:data:`VISION_INT8_MIN_WIDTH`; ``min_width=0``: always), packed
-    by ``engine`` (default :func:`vision_int8_engine`).
+    inference, each where it pays (:data:`VISION_INT8_MIN_WIDTH`; ``min_width=0``: always).
 
     The ViT is compute-bound (about 0.5 TFLOP per 224 px image), so on a CPU without bf16 matrix
     units int8 pays there: measured 2-3x faster than fp32 for its 257 x 1408 x 6144 matmuls on this
     machine. Applied at load time from float weights (its packed format is not a safetensors
     tensor), one block at a time.
     """
-    engine = engine or vision_int8_engine()
     parts = ((model.vision, model.config.vision.hidden_size), (model.qformer, model.config.qformer.hidden_size))
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = engine
-    try:
-        for part, width in parts:
-            if width < min_width:
-                continue
-            for blocks in [m for m in part.modules() if isinstance(m, nn.ModuleList)]:
-                for block in blocks:
-                    quantize_dynamic_linears(block)
-                    release_freed_memory()
-            quantize_dynamic_linears(part)  # what is outside the blocks
-            release_freed_memory()
-    finally:
-        torch.backends.quantized.engine = before
+    for part, width in parts:
+        if width < min_width:
+            continue
+        for blocks in [m for m in part.modules() if isinstance(m, nn.ModuleList)]:
+            for block in blocks:
+                quantize_dynamic_linears(block)
+                release_freed_memory()
+        quantize_dynamic_linears(part)  # what is outside the blocks
+        release_freed_memory()
