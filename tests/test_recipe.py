@@ -294,6 +294,39 @@ def test_template_markers_and_task_tags_are_one_token_each_and_decode_exactly():
     assert len(set(template_tokens())) == len(template_tokens()) and len(tokenizer) <= 1024
 
 
+def test_position_cells_are_one_token_each_in_texts_and_in_object_tokens():
+    from tinygptv.data.shapes import COLORS, SHAPES, SIZES
+    from tinygptv.recipes.pretrain import POSITIONS, object_parts, object_words
+    from tinygptv.recipes.world_tokenizer import position_tokens
+
+    words = [f"a {s} {c} {h} on a plain gray background ." for s in SIZES for c in COLORS for h in SHAPES]
+    where = ["it is at the top left , at the bottom right , at the top , in the center"] * 4
+    plain = train_world_tokenizer(words * 4 + where, 1024, template_markers=True)
+    cells = train_world_tokenizer(words * 4 + where, 1024, template_markers=True, position_cells=True)
+    assert len(position_tokens()) == 8  # four two-word cells, after a space and at an answer's start
+    def pieces(tokenizer, text):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        return tokenizer.convert_ids_to_tokens(ids)
+
+    assert " top left" in pieces(cells, "the top left large red star")
+    assert " top left" not in pieces(plain, "the top left large red star")
+    assert pieces(cells, " [/INST]bottom right###") == [" [/INST]", "bottom right", "###"]
+    assert " top right" in pieces(cells, "at the top right.")
+    top_alone = pieces(cells, "the top large red star")
+    assert pieces(plain, "the top large red star") == top_alone and not any(" " in p for p in top_alone)
+    # object tokens hold one token per position cell: top left and top share no row
+    kinds = object_words(positions=True)
+    with_cells, with_words = object_parts(cells, positions=True), object_parts(plain, positions=True)
+    assert with_cells.shape[1] == 4 and with_words.shape[1] == 5
+    top_left = kinds.index(("large", "red", "star", "top", "left"))
+    top = kinds.index(("large", "red", "star", "top"))
+    assert set(with_cells[top_left, 3:].tolist()).isdisjoint(with_cells[top, 3:].tolist())
+    assert set(with_words[top, 3:4].tolist()) <= set(with_words[top_left, 3:].tolist())
+    assert len({tuple(row[3:].tolist()) for row in with_cells}) == len(POSITIONS)
+    assert with_cells[top_left].tolist() == cells(" large red star top left", add_special_tokens=False)["input_ids"]
+
+
 def test_short_prompt_drills_ask_the_same_questions_in_the_first_phrasing():
     from tinygptv.data.instructions import INSTRUCTIONS
     from tinygptv.data.shapes import held_out_pairs

@@ -83,6 +83,10 @@ class MicroRecipe:
     template_tokens: bool = True
     """One token for each template marker and task tag (:func:`~tinygptv.recipes.world_tokenizer.
     template_tokens`): stage-4 turns a third shorter."""
+    position_tokens: bool = False
+    """One token for each two-word position (``top left``, ...; :func:`~tinygptv.recipes.
+    world_tokenizer.position_tokens`), so that each of the nine position cells is one token, in the
+    texts and in the object tokens that hold an object's position."""
     lm_documents: int = 20000
     """Texts of the world drawn for the tokenizer and the language-model pretraining."""
     lm: PretrainSettings = field(
@@ -317,7 +321,9 @@ def build_tokenizer(out: Path, documents, recipe: MicroRecipe):
 
     from .pretrain import document_texts
 
-    tokenizer = train_world_tokenizer(document_texts(documents), recipe.vocab_size, recipe.template_tokens)
+    tokenizer = train_world_tokenizer(
+        document_texts(documents), recipe.vocab_size, recipe.template_tokens, recipe.position_tokens
+    )
     tokenizer.save_pretrained(out / "tokenizer")
     return tokenizer
 
@@ -641,7 +647,7 @@ PHASE_FOLDERS = {"world": "world", "tokenizer": "tokenizer", "language model": "
 """The phases before the stages, in order, and the folder of ``--out`` each writes."""
 PHASE_SETTINGS = {
     "world": ("seed", "world_images"),
-    "tokenizer": ("vocab_size", "template_tokens", "lm_documents"),
+    "tokenizer": ("vocab_size", "template_tokens", "position_tokens", "lm_documents"),
     "language model": ("lm", "threads", "processes"),
     "vision": ("vision", "conv_stem"),
     "base": ("calibrated_norms", "readout_images"),

@@ -267,12 +267,18 @@ def _object_index(positions: bool) -> dict[tuple[str, ...], int]:
 
 
 def object_parts(tokenizer, positions: bool = False) -> torch.Tensor:
-    """(K, W) token ids of each object token's words (with their leading space; :func:`object_words`),
-    -1 after the last word of a shorter one."""
-    kinds = object_words(positions)
-    width = max(len(words) for words in kinds)
-    rows = [[token_id(tokenizer, f" {w}") for w in words] + [-1] * (width - len(words)) for words in kinds]
-    return torch.tensor(rows, dtype=torch.long)
+    """(K, W) token ids of each object token's words (:func:`object_words`) as ``tokenizer`` writes
+    them after a space, -1 after the last token of a shorter one. Each word is one token, except
+    that a tokenizer with the position cells as tokens (:func:`~tinygptv.recipes.world_tokenizer.
+    position_tokens`) writes a two-word position (``top left``) as one."""
+    rows = []
+    for words in object_words(positions):
+        ids = tokenizer(" " + " ".join(words), add_special_tokens=False)["input_ids"]
+        if len(ids) > len(words):
+            raise ValueError(f"{' '.join(words)!r} is {len(ids)} tokens in this tokenizer; a scene needs whole words")
+        rows.append(ids)
+    width = max(len(ids) for ids in rows)
+    return torch.tensor([ids + [-1] * (width - len(ids)) for ids in rows], dtype=torch.long)
 
 
 def _sum_parts(embedding: nn.Module, parts: torch.Tensor) -> torch.Tensor:

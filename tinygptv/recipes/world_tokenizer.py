@@ -14,9 +14,14 @@ merges letters with punctuation, though, so two kinds of strings are added as wh
   scene is copying four tokens verbatim (plain integers 0-100, the counts, are single tokens too);
 * optionally (``template_markers``), the templates' markers and the task identifiers
   (:func:`template_tokens`: ``[INST]``, `` [/INST]``, ``<Img>``, ``###``, `` [vqa]``, ...), which
-  every stage-4 turn repeats: nine tokens of each turn become three. Texts are split at
-``<ImageHere>`` before training, as :func:`tinygptv.data.encoding.encode_chunks` tokenises the
-pieces around an image separately.
+  every stage-4 turn repeats: nine tokens of each turn become three;
+* optionally (``position_cells``), each two-word position of the world (`` top left``, ...,
+  :func:`position_tokens`) as one token, so that each of the image's nine thirds-cells is one
+  token: `` top`` (top middle) and `` top left`` then share nothing, where as words the second
+  holds the first.
+
+Texts are split at ``<ImageHere>`` before training, as :func:`tinygptv.data.encoding.encode_chunks`
+tokenises the pieces around an image separately.
 
 Special tokens: ``<pad>`` (0), ``<s>`` (1, prepended as BOS, as Llama's tokenizer does) and
 ``</s>`` (2, EOS), the ids of the ``tinygptv-micro`` preset.
@@ -52,6 +57,16 @@ def template_tokens() -> list[str]:
     return [*TEMPLATE_MARKERS, *(f" {tag}" for tag in TASK_IDENTIFIERS.values())]
 
 
+def position_tokens() -> list[str]:
+    """The world's two-word positions, as written after a word (`` top left``, ..., `` bottom
+    right``) and at the start of an answer (``top left``, ...): with them as tokens every one of the
+    nine position cells (:func:`~tinygptv.data.shapes.position_word`) is a single token."""
+    from .pretrain import POSITIONS
+
+    pairs = [where for where in POSITIONS if " " in where]
+    return [*(f" {where}" for where in pairs), *pairs]
+
+
 def tokenizer_training_texts(chunks: Iterable[str]) -> Iterator[str]:
     """The pieces of text the tokenizer will see: each chunk split at its image placeholders, and
     every coordinate 0-100 in box form."""
@@ -63,14 +78,20 @@ def tokenizer_training_texts(chunks: Iterable[str]) -> Iterator[str]:
         yield "".join(f"{{<{k}><{k}><{k}><{k}>}}" for k in range(SCALE + 1))
 
 
-def train_world_tokenizer(chunks: Iterable[str], vocab_size: int = 1024, template_markers: bool = False):
+def train_world_tokenizer(
+    chunks: Iterable[str], vocab_size: int = 1024, template_markers: bool = False, position_cells: bool = False
+):
     """A ``PreTrainedTokenizerFast`` trained on ``chunks`` (the world's text chunks, as templates
-    write them), with at most ``vocab_size`` tokens; ``template_markers`` adds :func:`template_tokens`.
-    Deterministic for the same texts."""
+    write them), with at most ``vocab_size`` tokens; ``template_markers`` adds :func:`template_tokens`,
+    ``position_cells`` :func:`position_tokens`. Deterministic for the same texts."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    added = [*coordinate_tokens(), *(template_tokens() if template_markers else ())]
+    added = [
+        *coordinate_tokens(),
+        *(template_tokens() if template_markers else ()),
+        *(position_tokens() if position_cells else ()),
+    ]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -111,6 +132,7 @@ __all__ = [
     "TEMPLATE_MARKERS",
     "check_world_tokenizer",
     "coordinate_tokens",
+    "position_tokens",
     "template_tokens",
     "tokenizer_training_texts",
     "train_world_tokenizer",
