@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from .kv_cache import growing_cache
 from .model.language import cache_argument
 
 
@@ -144,7 +145,9 @@ def stream_tokens(
 
 
 def new_cache(lm) -> DynamicCache:
-    return DynamicCache(config=lm.config)
+    """An empty KV cache for ``lm``: a :class:`~transformers.DynamicCache` whose layers append in
+    place (:func:`tinygptv.kv_cache.growing_cache`) instead of concatenating every step."""
+    return growing_cache(lm.config)
 
 
 @torch.inference_mode()
