@@ -114,3 +114,26 @@ def test_reset_empties_the_layer_and_it_fills_again():
 def test_growth_needs_at_least_one_token():
     with pytest.raises(ValueError, match="growth_tokens"):
         GrowingLayer(growth_tokens=0)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_batched_generate_runs_on_our_cache_and_decodes_as_transformers_own(model, monkeypatch, beams):
+    from tinygptv.generate import generate_batch
+
+    texts = ["what color is the large circle on the left ?", "describe the image"]
+    rows = [_embeds(model, t)[0] for t in texts]
+    width = max(r.shape[0] for r in rows)
+    embeds = torch.zeros(2, width, rows[0].shape[-1])
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding
+        embeds[i, width - r.shape[0] :], mask[i, width - r.shape[0] :] = r, 1
+    calls = []
+    update = GrowingLayer.update
+    monkeypatch.setattr(GrowingLayer, "update", lambda self, *a, **k: calls.append(1) or update(self, *a, **k))
+    params = SamplingParams(max_new_tokens=8, num_beams=beams)
+    ours = generate_batch(model.lm, embeds, mask, params, eos_token_ids=[], pad_token_id=0)
+    assert len(calls) >= 8 * model.lm.config.num_hidden_layers
+    with torch.inference_mode():
+        ref = model.lm.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                num_beams=beams, pad_token_id=0)
+    assert torch.equal(ours, ref)

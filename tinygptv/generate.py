@@ -161,7 +161,8 @@ def generate_batch(
     tokenizer=None,
 ) -> torch.Tensor:
     """Batched decoding (left-padded ``inputs_embeds`` (B, T, C)) and beam search, through
-    transformers' ``generate``. Returns the new token ids (B, N), padded with ``pad_token_id``.
+    transformers' ``generate`` with our KV cache (:func:`new_cache`). Returns the new token ids
+    (B, N), padded with ``pad_token_id``.
 
     With a ``tokenizer``, each row stops at ``params.stop`` (transformers' stop strings; the
     strings themselves are cut from the text by the caller)."""
@@ -183,6 +184,7 @@ def generate_batch(
         stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, params.stop)])
         if params.stop and tokenizer is not None
         else None,
+        **cache_argument(lm, new_cache(lm)),
     )
 
 
