@@ -1,4 +1,5 @@
-"""Decode speed with transformers' DynamicCache against our GrowingLayer cache, side by side.
+"""Decode speed with transformers' DynamicCache against our GrowingLayer cache, side by side,
+and prefill with the LM head over every prompt position against the last one only.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_kv_cache.py                  # int8 Phi-2, 10 rounds
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_kv_cache.py --text-tokens 40 600
@@ -11,7 +12,9 @@ and ``--new-tokens`` decoded tokens through our KV-cached loop
 that a machine shared with other work slows both alike. ``dynamic`` is transformers'
 ``DynamicCache`` (a ``torch.cat`` of every layer's keys and values per token); ``growing`` is
 :func:`tinygptv.kv_cache.growing_cache` (appends into preallocated room). Both must decode the same
-tokens (checked, greedy); it prints each round and the medians as JSON.
+tokens (checked, greedy). Then it times the prefill alone, alternating, with logits for every
+position (what ``lm(inputs_embeds=...)`` computes by default) and for the last one only
+(``logits_to_keep=1``, what the loop asks for). It prints each round and the medians as JSON.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     from tinygptv.data.encoding import IMAGE_TOKEN_ID
     from tinygptv.generate import SamplingParams, stream_tokens
     from tinygptv.kv_cache import growing_cache
+    from tinygptv.model.language import cache_argument
 
     torch.set_num_threads(args.threads)
     model = materialise(args.preset, args.quantize)
@@ -89,6 +93,16 @@ def main(argv=None) -> int:
             wins = sum(g["decode_tok_s"] > d["decode_tok_s"] for g, d in zip(rows["growing"], rows["dynamic"]))
             summary[ids.shape[1]]["growing"]["growing_faster_rounds"] = f"{wins} of {args.rounds}"
             del summary[ids.shape[1]]["dynamic"]["growing_faster_rounds"]
+            prefill: dict[int, list[float]] = {0: [], 1: []}
+            for r in range(args.rounds):
+                for keep in (0, 1) if r % 2 == 0 else (1, 0):
+                    t = time.perf_counter()
+                    lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=keep, **cache_argument(lm, caches["growing"]()))
+                    prefill[keep].append(time.perf_counter() - t)
+            summary[ids.shape[1]]["prefill_all_logits_s"] = round(statistics.median(prefill[0]), 3)
+            summary[ids.shape[1]]["prefill_last_logits_s"] = round(statistics.median(prefill[1]), 3)
+            print(f"context {ids.shape[1]:>5}  prefill, logits of every position {summary[ids.shape[1]]['prefill_all_logits_s']} s, "
+                  f"of the last {summary[ids.shape[1]]['prefill_last_logits_s']} s (medians)", flush=True)
     print(json.dumps({"preset": args.preset, "quantize": args.quantize, "new_tokens": args.new_tokens, "contexts": summary}))
     return 0
 

@@ -130,7 +130,8 @@ def stream_tokens(
     start = cache.get_seq_length()
     positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
     cache_arg = cache_argument(lm, cache)
-    logits = lm(inputs_embeds=inputs_embeds, use_cache=True, position_ids=positions, **cache_arg).logits
+    # logits of the last position only: the LM head over a whole prompt would be wasted work
+    logits = lm(inputs_embeds=inputs_embeds, use_cache=True, position_ids=positions, logits_to_keep=1, **cache_arg).logits
     eos = set(int(e) for e in eos_token_ids)
     for step in range(params.max_new_tokens):
         token = next_token(logits[:, -1], params, generator)
