@@ -8,19 +8,15 @@ from transformers.cache_utils import DynamicLayer
 from tinygptv.generate import SamplingParams, new_cache, stream_tokens
 from tinygptv.kv_cache import GrowingLayer, growing_cache
 from tinygptv.model.language import cache_argument
-from tinygptv.model.tinygptv import TinyGPTV
-from tinygptv.testing import word_tokenizer
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return TinyGPTV("tinygptv-tiny", tokenizer=word_tokenizer()).eval()
+@pytest.fixture
+def model(tiny_model):
+    return tiny_model
 
 
 def _embeds(model, text):
-    ids = torch.tensor([model.tokenizer(text)["input_ids"]])
-    return model.embed(ids, None)
+    return model.embed(torch.tensor([model.tokenizer(text)["input_ids"]]), None)
 
 
 def _small_growth(cache, tokens=3):
