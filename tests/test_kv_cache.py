@@ -107,6 +107,16 @@ def test_reset_empties_the_layer_and_it_fills_again():
     assert keys.shape == (2, 1, 3, 2) and bool((keys == 5).all())
 
 
+def test_a_layer_cropped_to_nothing_takes_a_new_batch_size_and_refuses_a_mismatch():
+    layer = GrowingLayer()
+    layer.update(torch.ones(2, 1, 4, 2), torch.ones(2, 1, 4, 2))
+    with pytest.raises(ValueError, match="batch/heads"):
+        layer.update(torch.ones(3, 1, 1, 2), torch.ones(3, 1, 1, 2))
+    layer.crop(-4)
+    keys, values = layer.update(torch.full((3, 1, 2, 2), 7.0), torch.zeros(3, 1, 2, 2))
+    assert keys.shape == (3, 1, 2, 2) and bool((keys == 7).all()) and not values.any()
+
+
 def test_growth_needs_at_least_one_token():
     with pytest.raises(ValueError, match="growth_tokens"):
         GrowingLayer(growth_tokens=0)

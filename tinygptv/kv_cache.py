@@ -92,13 +92,14 @@ class GrowingLayer(DynamicLayer):
             and not (room.is_inference() and not torch.is_inference_mode_enabled())
         )
         if not fits:
-            if held is not None and room is not None and room.shape[:-2] != key_states.shape[:-2]:
+            if not self._length:  # nothing held (new, reset or cropped to nothing): room shaped like the new states
+                self._reserve(key_states, value_states, 0, end)
+            elif room.shape[:-2] != key_states.shape[:-2]:
                 raise ValueError(
                     f"cache holds batch/heads {tuple(room.shape[:-2])}, the new states have {tuple(key_states.shape[:-2])}"
                 )
-            source_k = room if room is not None else key_states
-            source_v = self._value_room if room is not None else value_states
-            self._reserve(source_k, source_v, self._length if room is not None else 0, end)
+            else:
+                self._reserve(room, self._value_room, self._length, end)
         self._key_room[..., self._length : end, :].copy_(key_states)
         self._value_room[..., self._length : end, :].copy_(value_states)
         self._length = end
