@@ -119,14 +119,14 @@ class MicroRecipe:
     validation images), and since stage 4 answers ``[identify]`` with full names as the drills do
     (``configs/micro/stage4.yaml``), so does the whole model (whole test split 55.4 % against
     39.0, both with stage 4 of 800 steps; with the world's shortest phrases in stage 4 it did not:
-    42.3 against 38.8; README). Its ``[identify]`` answers start with the object's position ("the
+    42.3 against 38.8; docs/micro-recipe.md). Its ``[identify]`` answers start with the object's position ("the
     top left large red star", ``drill_placed_names``, as stage 4 answers): with full names the LM
     found the object by the size word it had just written; the position words follow from the box
     and then pick the object out (the LM alone, 300 validation images, full names on the same
     machine -> position first: ``[identify]`` 76.3 -> 82.8 %, ``[refer]`` 65.4 -> 93.8 %, VQA
-    89.0 -> 90.3 %; README). 3,000 steps did not help (the same world: ``[identify]`` 59.0 %,
+    89.0 -> 90.3 %; docs/micro-recipe.md). 3,000 steps did not help (the same world: ``[identify]`` 59.0 %,
     ``[refer]`` 73.1, VQA 90.7), and the outcome swings with the seed (seed 1, its own world:
-    75.6 / 70.2 / 90.4): the shipped seed's LM is the best draw measured (README)."""
+    75.6 / 70.2 / 90.4): the shipped seed's LM is the best draw measured (docs/micro-recipe.md)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
             steps=3000,
@@ -161,7 +161,7 @@ class MicroRecipe:
     A deviation from EVA-ViT-g's design, for a ViT trained from scratch only: it learns shape far
     sooner (per object patch after 300 probe steps: 36 % against 25 %), and the whole model built
     with it answers more (whole test split VQA / refer / identify 59.7 / 8.5 / 13.6 % against
-    56.4 / 5.3 / 8.2 % without; README)."""
+    56.4 / 5.3 / 8.2 % without; docs/micro-recipe.md)."""
     readout_images: int = 0
     """Training images on which the base phase refits the two projections as the least-squares
     read-out of the pretrained Q-Former (:func:`~tinygptv.recipes.pretrain.fit_readout`: each query
@@ -171,7 +171,7 @@ class MicroRecipe:
     at a cosine of ~0.8, which the LM misreads; the refit (1,000 images) makes the model stage 1
     starts from answer far more (first 200 test questions, VQA / refer / identify: 72.0 / 5.5 / 48.5
     against 54.5 / 7.5 / 34.5), but after stage 4 it answers no more (83.0 / 52.0 / 42.5 against
-    85.0 / 50.0 / 42.5; README), so it is off."""
+    85.0 / 50.0 / 42.5; docs/micro-recipe.md), so it is off."""
     eval_limit: int | None = 200
     """Questions per task and split scored after each stage (``None``: all)."""
     eval_batch_size: int = 32

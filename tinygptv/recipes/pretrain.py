@@ -39,7 +39,7 @@ own, on the shapes world, before the four TinyGPT-V stages:
 Both loops are deterministic: the data order is a pure function of the seed, and nothing else is
 random but the seeded model init. In a ``torch.distributed`` group (the recipe's ``processes``)
 each process computes its share of every batch under DDP. How far they get in the recipe's budget is measured in the
-recipe's report (and in the README): not yet far enough.
+recipe's report (and in docs/micro-recipe.md): not yet far enough.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class PretrainSettings:
     image's cheapest of the 24 ways to put its objects and empty groups in the four groups, as DETR
     matches its queries), instead of in reading order. The language model reads the groups in any
     order, so no query has to work out which object is the k-th from the left. Measured no better
-    than reading order on the micro model (README), so off by default."""
+    than reading order on the micro model (docs/micro-recipe.md), so off by default."""
     fresh_images: bool = False
     """Vision only: every step's images are new scenes drawn by the world's generator (the training
     split's rules: no held-out colour-shape pair) and rendered on the fly, as drills are for the
@@ -110,7 +110,7 @@ class PretrainSettings:
     from the scene add nothing). The token loss alone has to discover where each object is; this
     says it directly, as the dense targets do for the ViT. On in the micro recipe (1.0): with it the
     whole model's test-split ``[identify]`` accuracy went from 13.6 to 22.0 % and ``[refer]`` from
-    8.5 to 10.5 % (README)."""
+    8.5 to 10.5 % (docs/micro-recipe.md)."""
     coordinate_sigma: float = 0.0
     """Vision only: where a query must become a box coordinate ``<v>``, its cross-entropy target is
     spread over the neighbouring coordinates (a Gaussian over ``<0>`` ... ``<100>`` of this standard
@@ -118,7 +118,7 @@ class PretrainSettings:
     right (IoU barely moves) and the loss says so, where a one-hot target calls it as wrong as
     ``<v+40>``. 0: one-hot. Measured only together with ``drill_isolated_turns`` (1.5): that build
     answered ``[refer]`` no better (3.0 % of the first 200 test questions, as a build with isolated
-    turns and no soft targets, against 7.5 % without either; README), so off."""
+    turns and no soft targets, against 7.5 % without either; docs/micro-recipe.md), so off."""
     pretrained_projections: bool = False
     """Vision only: the stage-1 model starts its two projections (``vision_proj``, ``lm_proj``) from
     this loop's read-out head (``VisionHeads.to_lm``, fitted with the Q-Former to put its outputs
@@ -137,7 +137,7 @@ class PretrainSettings:
     after the ``[refer]`` of the same object copies its phrase from that question; a ``[refer]``
     phrase says which colour-shape pairs exist), so the LM is rewarded for reading the text before
     it, not the scene, and the benchmark asks single questions about the scene. Measured: the LM
-    alone on true scenes answers alike with and without (``benchmarks/probe_micro_lm.py``; README),
+    alone on true scenes answers alike with and without (``benchmarks/probe_micro_lm.py``; docs/micro-recipe.md),
     so the leak was not what held it back. With object tokens (session 19): the box match of
     ``[identify]`` forms a layer earlier (``benchmarks/probe_micro_lookup.py``), but the LM alone
     answered ``[identify]`` on 58.4 % against 64.6 without (one run each), so still off."""
@@ -152,13 +152,13 @@ class PretrainSettings:
     size, colour and shape ("the top left large red star", :func:`~tinygptv.data.shapes.placed_name`),
     instead of its full name (over ``drill_full_names``). The LM alone finds the object of a full-name
     answer by the size word it has just written, not by the box (right on 52 % of boxes where another
-    object shares the size; README): the box is matched only in its last layer. The position words
+    object shares the size; docs/micro-recipe.md): the box is matched only in its last layer. The position words
     follow from the box alone (thirds of its centre), and they pick the object out in 96 % of the
     test split's boxes, so the words after them are a one-step look-up like a colour word's.
     Measured (2,000 LM steps, LM alone on 300 validation images): ``[identify]`` 64.6 -> 82.8 %
     (76.3 for full names retrained on the same machine), ``[refer]`` 64.3 -> 93.8 % (65.4),
     VQA 89.5 -> 90.3 % (89.0); the whole model built on it, whole test split:
-    ``[identify]`` 58.8 -> 80.5 %, ``[refer]`` 65.6 -> 84.5 % (README). On in the micro recipe."""
+    ``[identify]`` 58.8 -> 80.5 %, ``[refer]`` 65.6 -> 84.5 % (docs/micro-recipe.md). On in the micro recipe."""
     drill_short_prompts: bool = False
     """Language model only: drills ask every question with its task's first (shortest) phrasing
     instead of a random one, so a row holds more questions (the packed world documents keep every
@@ -169,7 +169,7 @@ class PretrainSettings:
     colour and shape words, instead of three tokens in a row. Reading "the colour of the square"
     off a scene of word tokens means finding the position of ``square`` and taking the word one
     position earlier, a two-step lookup across positions that the micro LM did not learn (every
-    wrong colour or shape answer of the LM alone named another object's; README); an object token
+    wrong colour or shape answer of the LM alone named another object's; docs/micro-recipe.md); an object token
     holds all three in one vector, so one attention step finds the object and reads it. A
     held-out colour-shape pair is the sum of words the LM knows, so it stays readable."""
     object_positions: bool = False
@@ -183,7 +183,7 @@ class PretrainSettings:
     the one kind whose object is named by its shape alone, and the LM alone answered it on 59-61 %
     of true scenes (shape questions, named by colour: 100 %): in its first layer, heads at a colour
     word attend to the object token that holds it (~100 % on the right one), while at a shape word
-    no head does (``benchmarks/probe_micro_lm.py``, README). Colours name the object in most
+    no head does (``benchmarks/probe_micro_lm.py``, docs/micro-recipe.md). Colours name the object in most
     questions and phrases, so that is the look-up the LM learned; the shape look-up had only the
     colour questions to learn from, one in seven of a drill's questions. Measured with
     ``drill_shape_phrases`` (2,000 LM steps, LM alone on 300 validation images): no head finds the
@@ -194,7 +194,7 @@ class PretrainSettings:
     star") wherever that picks it out alone (:func:`drill_document`), instead of the world's phrase,
     which does so one time in three. The same look-up as a colour question (by shape): the whole
     model answered such ``[refer]`` questions on 39.5 % of the test split, and those naming a colour
-    and a shape on 75.9 % (README). Measured only with ``drill_color_first`` (above): off."""
+    and a shape on 75.9 % (docs/micro-recipe.md). Measured only with ``drill_color_first`` (above): off."""
     log_every: int = 50
     """Report the mean loss every this many steps."""
 
@@ -1134,7 +1134,7 @@ def fit_readout(
     over the rows, which a query wins by pointing the right way at any length: its outputs end up
     ~10x as long as the rows, at a cosine of ~0.8, and the LM, which reads vectors, not their
     nearest rows, misreads them (the micro LM given the Q-Former's tokens snapped to their nearest
-    rows answers nearly as well as given the true scene; given the raw read-out, far worse; README).
+    rows answers nearly as well as given the true scene; given the raw read-out, far worse; docs/micro-recipe.md).
     A least-squares fit keeps what the queries hold and puts it where the LM looks."""
     was_training = model.training
     model.eval()
