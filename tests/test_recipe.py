@@ -564,12 +564,16 @@ def test_recipe_settings_are_set_from_text_with_their_types():
     recipe.set("eval_limit", "null")
     assert recipe.lm.drill_short_prompts is True and recipe.lm.lr == 1e-3 and recipe.vision.steps == 5
     assert recipe.template_tokens is True and recipe.eval_limit is None
+    recipe.set("lm_seed", "3")  # an optional setting, unset by default
+    assert recipe.lm_seed == 3 and recipe.language_seed == 3 and recipe.seed == 0
+    recipe.set("lm_seed", "null")
+    assert recipe.lm_seed is None and recipe.language_seed == 0
     recipe.set("lm.lr", "2")  # an int where a float is wanted
     assert recipe.lm.lr == 2.0 and isinstance(recipe.lm.lr, float)
     for key, value in [("lm.nope", "1"), ("nope", "1"), ("lm", "1"), ("lm.steps.x", "1")]:
         with pytest.raises(ValueError, match="unknown recipe setting"):
             recipe.set(key, value)
-    for key, value in [("lm.steps", "many"), ("lm.drill_short_prompts", "1"), ("vision.steps", "2.5")]:
+    for key, value in [("lm.steps", "many"), ("lm.drill_short_prompts", "1"), ("vision.steps", "2.5"), ("lm_seed", "two"), ("lm_seed", "1.5")]:
         with pytest.raises(ValueError, match="takes a"):
             recipe.set(key, value)
 
@@ -674,6 +678,17 @@ def test_reuse_takes_the_phases_whose_settings_match_and_reruns_the_rest(toy_run
     assert hashes(tmp_path / "vision" / "lm") == hashes(done / "lm")
     assert hashes(tmp_path / "vision" / "vision") != hashes(done / "vision")
     assert "(reused from" in (tmp_path / "vision" / "report.md").read_text()
+
+    # another LM seed: the world and tokenizer are taken, the LM is drawn anew; an LM seed equal to
+    # the seed draws the default's LM, and so the same model
+    for lm_seed, same_lm in [(1, False), (0, True)]:
+        logged = []
+        run_micro_recipe(tmp_path / f"lm{lm_seed}", toy_recipe(lm_seed=lm_seed), stage_overrides=TOY_STAGES,
+                         evaluate_stages=False, log=logged.append, reuse=done)  # fmt: skip
+        assert started(logged)[0] == "language model"
+        assert hashes(tmp_path / f"lm{lm_seed}" / "tokenizer") == hashes(done / "tokenizer")
+        assert (hashes(tmp_path / f"lm{lm_seed}" / "lm") == hashes(done / "lm")) is same_lm
+        assert (hashes(tmp_path / f"lm{lm_seed}" / "model") == hashes(done / "model")) is same_lm
 
     # another seed changes the world: nothing is taken; an existing run is not overwritten
     assert reuse_phases(done, tmp_path / "seed", toy_recipe(seed=1)) == []

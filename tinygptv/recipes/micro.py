@@ -67,6 +67,11 @@ class MicroRecipe:
 
     seed: int = 0
     """Seed of the world, every model init and every data order."""
+    lm_seed: int | None = None
+    """Seed of the language-model phase alone (its init, the order of its packed rows and its
+    drills' scenes; also the drills the base phase calibrates the added norms on); ``None``: ``seed``.
+    The LM phase's outcome swings from draw to draw far more than any of its settings move it
+    (docs/micro-recipe.md), so this draws another LM on the same world and tokenizer."""
     threads: int = 1
     """Torch threads per process (a fixed count: results are bitwise repeatable only for the same
     count). One: these matrices are too small for a second thread to pay; on the 2-core machine
@@ -177,6 +182,11 @@ class MicroRecipe:
     eval_batch_size: int = 32
     """Questions answered per batch in the evaluations."""
 
+    @property
+    def language_seed(self) -> int:
+        """The language-model phase's seed: ``lm_seed``, or ``seed`` where that is ``None``."""
+        return self.seed if self.lm_seed is None else self.lm_seed
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -199,6 +209,12 @@ class MicroRecipe:
         try:
             if parsed is None and optional:
                 pass
+            elif current is None:  # an optional setting now unset: its declared type
+                kind = str(fields[leaf].type).split("|")[0].strip()
+                if kind == "int" and (isinstance(parsed, bool) or not isinstance(parsed, int)):
+                    raise ValueError
+                if kind == "float":
+                    parsed = float(value)
             elif isinstance(current, bool):
                 if not isinstance(parsed, bool):
                     raise ValueError
@@ -346,10 +362,10 @@ def build_language_model_phase(out: Path, tokenizer, documents, recipe: MicroRec
     from .pretrain import init_coordinate_embeddings, pretrain_language_model
 
     config = get_preset(PRESET)
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(recipe.language_seed)
     lm = build_language_model(plain_language_config(config), config.initializer_range)
     init_coordinate_embeddings(lm, tokenizer, ramp=recipe.lm.coordinate_ramp)
-    losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.seed, log, held_out=world_held_out(out / "world"))
+    losses = pretrain_language_model(lm, tokenizer, documents, recipe.lm, recipe.language_seed, log, held_out=world_held_out(out / "world"))
     state = {k: v.detach().contiguous() for k, v in lm.state_dict().items()}
     if _is_main():
         (out / "lm").mkdir(parents=True, exist_ok=True)
@@ -390,7 +406,7 @@ def calibration_rows(tokenizer, world: Path, recipe: MicroRecipe):
     ``(token rows, object parts or None)``: what :func:`assemble_base` calibrates the added norms on."""
     from .pretrain import drill_rows, object_parts
 
-    rows = drill_rows(tokenizer, range(CALIBRATION_DRILLS), recipe.seed, world_held_out(world), recipe.lm)[0]
+    rows = drill_rows(tokenizer, range(CALIBRATION_DRILLS), recipe.language_seed, world_held_out(world), recipe.lm)[0]
     parts = object_parts(tokenizer, recipe.lm.object_positions) if recipe.lm.object_tokens else None
     return rows, parts
 
@@ -656,7 +672,7 @@ PHASE_FOLDERS = {"world": "world", "tokenizer": "tokenizer", "language model": "
 PHASE_SETTINGS = {
     "world": ("seed", "world_images"),
     "tokenizer": ("vocab_size", "template_tokens", "position_tokens", "lm_documents"),
-    "language model": ("lm", "threads", "processes"),
+    "language model": ("lm", "lm_seed", "threads", "processes"),
     "vision": ("vision", "conv_stem"),
     "base": ("calibrated_norms", "readout_images"),
 }
