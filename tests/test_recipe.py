@@ -564,8 +564,8 @@ def test_recipe_settings_are_set_from_text_with_their_types():
     recipe.set("eval_limit", "null")
     assert recipe.lm.drill_short_prompts is True and recipe.lm.lr == 1e-3 and recipe.vision.steps == 5
     assert recipe.template_tokens is True and recipe.eval_limit is None
-    recipe.set("lm_seed", "3")  # an optional setting, unset by default
-    assert recipe.lm_seed == 3 and recipe.language_seed == 3 and recipe.seed == 0
+    recipe.set("lm_seed", "5")  # an optional setting; unset (null), the seed's
+    assert recipe.lm_seed == 5 and recipe.language_seed == 5 and recipe.seed == 0
     recipe.set("lm_seed", "null")
     assert recipe.lm_seed is None and recipe.language_seed == 0
     recipe.set("lm.lr", "2")  # an int where a float is wanted
@@ -679,16 +679,19 @@ def test_reuse_takes_the_phases_whose_settings_match_and_reruns_the_rest(toy_run
     assert hashes(tmp_path / "vision" / "vision") != hashes(done / "vision")
     assert "(reused from" in (tmp_path / "vision" / "report.md").read_text()
 
-    # another LM seed: the world and tokenizer are taken, the LM is drawn anew; an LM seed equal to
-    # the seed draws the default's LM, and so the same model
-    for lm_seed, same_lm in [(1, False), (0, True)]:
+    # another LM seed: the world and tokenizer are taken, the LM is drawn anew; no LM seed (null)
+    # draws the seed's LM, and so the same model as an LM seed equal to the seed
+    runs = {}
+    for lm_seed in (None, 0):
         logged = []
-        run_micro_recipe(tmp_path / f"lm{lm_seed}", toy_recipe(lm_seed=lm_seed), stage_overrides=TOY_STAGES,
+        runs[lm_seed] = tmp_path / f"lm{lm_seed}"
+        run_micro_recipe(runs[lm_seed], toy_recipe(lm_seed=lm_seed), stage_overrides=TOY_STAGES,
                          evaluate_stages=False, log=logged.append, reuse=done)  # fmt: skip
         assert started(logged)[0] == "language model"
-        assert hashes(tmp_path / f"lm{lm_seed}" / "tokenizer") == hashes(done / "tokenizer")
-        assert (hashes(tmp_path / f"lm{lm_seed}" / "lm") == hashes(done / "lm")) is same_lm
-        assert (hashes(tmp_path / f"lm{lm_seed}" / "model") == hashes(done / "model")) is same_lm
+        assert hashes(runs[lm_seed] / "tokenizer") == hashes(done / "tokenizer")
+        assert hashes(runs[lm_seed] / "lm") != hashes(done / "lm")  # toy_run's LM seed is the default, 3
+    assert hashes(runs[None] / "lm") == hashes(runs[0] / "lm")
+    assert hashes(runs[None] / "model") == hashes(runs[0] / "model")
 
     # another seed changes the world: nothing is taken; an existing run is not overwritten
     assert reuse_phases(done, tmp_path / "seed", toy_recipe(seed=1)) == []
