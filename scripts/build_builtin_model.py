@@ -3,7 +3,8 @@
     python scripts/build_builtin_model.py                # run the micro recipe, compare with the shipped files
     python scripts/build_builtin_model.py --install      # ... and replace the shipped files with the new ones
 
-The model is the output of ``tinygptv recipe micro`` with the default seed (0) and one thread:
+The model is the output of ``tinygptv recipe micro`` with the default seed (0; its language model
+drawn with the default ``lm_seed``, 3) and one thread:
 the shapes world, its tokenizer, the pretrained micro LM / ViT / Q-Former and the four TinyGPT-V
 stages (``configs/micro``), LoRA merged. Every step is seeded and deterministic, so on the same
 machine (CPU kind, thread count, torch version) the same seed writes the same bytes: without

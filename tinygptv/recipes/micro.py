@@ -136,7 +136,8 @@ class MicroRecipe:
     machine -> position first: ``[identify]`` 76.3 -> 82.8 %, ``[refer]`` 65.4 -> 93.8 %, VQA
     89.0 -> 90.3 %; docs/micro-recipe.md). 3,000 steps did not help (the same world: ``[identify]`` 59.0 %,
     ``[refer]`` 73.1, VQA 90.7), and the outcome swings with the seed (seed 1, its own world:
-    75.6 / 70.2 / 90.4): the shipped seed's LM is the best draw measured (docs/micro-recipe.md)."""
+    75.6 / 70.2 / 90.4), and so does the LM seed on one world (``lm_seed``, which takes the best of
+    four draws; docs/micro-recipe.md)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
             steps=3000,
