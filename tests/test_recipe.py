@@ -761,6 +761,16 @@ def test_resume_treats_settings_newer_than_the_run_as_their_defaults(tmp_path):
     with pytest.raises(ValueError, match=rf"vision.attention_weight: {default} \(run\) vs {default + 0.5} \(now\)"):
         check_resumable(tmp_path, recipe)
 
+    # lm_seed came with a default (3) other than what older runs did (the seed's LM): they ran as None
+    recipe = MicroRecipe()
+    ran = recipe.to_dict()
+    del ran["lm_seed"]
+    (tmp_path / "report.json").write_text(json.dumps({"recipe": ran}))
+    with pytest.raises(ValueError, match=r"lm_seed: None \(run\) vs 3 \(now\)"):
+        check_resumable(tmp_path, recipe)
+    recipe.set("lm_seed", "null")
+    check_resumable(tmp_path, recipe)
+
 
 def test_coordinate_soft_targets_spread_over_neighbouring_values_and_favour_near_misses():
     from tinygptv.recipes.pretrain import VisionHeads, coordinate_token_ids

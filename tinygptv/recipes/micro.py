@@ -685,6 +685,16 @@ PHASE_SETTINGS = {
 """The recipe settings each phase reads (besides what the phases before it made). A setting of
 :class:`MicroRecipe` named nowhere here, other than the evaluations', counts for every phase."""
 _STAGE_ONLY_SETTINGS = ("eval_limit", "eval_batch_size")
+BEFORE_SETTING = {"lm_seed": None}
+"""What a run recorded before a setting existed ran with, where that is not the setting's default
+today (``lm_seed`` came with the default 3; older runs drew their LM with ``seed``)."""
+
+
+def ran_setting(ran: dict[str, Any], default: dict[str, Any], key: str) -> Any:
+    """Setting ``key`` (dotted) as the run whose flattened ``report.json`` recipe is ``ran`` had it: a
+    setting newer than the run's code is missing from its report, and the run had what it does
+    now by default, or its :data:`BEFORE_SETTING` value."""
+    return ran[key] if key in ran else BEFORE_SETTING.get(key, default[key])
 
 
 def reuse_phases(source: str | Path, out: str | Path, recipe: MicroRecipe) -> list[str]:
@@ -712,7 +722,7 @@ def reuse_phases(source: str | Path, out: str | Path, recipe: MicroRecipe) -> li
 
     def differs(key: str) -> bool:
         return any(
-            ran.get(k, default[k]) != v for k, v in wanted.items() if k == key or k.startswith(key + ".")
+            ran_setting(ran, default, k) != v for k, v in wanted.items() if k == key or k.startswith(key + ".")
         )
 
     report = Report(out, recipe)
@@ -811,8 +821,7 @@ def check_resumable(out: Path, recipe: MicroRecipe) -> None:
     ran = flat(json.loads((out / "report.json").read_text()).get("recipe", {}))
     wanted = flat(json.loads(json.dumps(recipe.to_dict())))  # as JSON has it (tuples are lists)
     default = flat(json.loads(json.dumps(MicroRecipe().to_dict())))
-    # a setting newer than the run's code is missing from its report: the run had its default
-    diffs = [f"{k}: {ran.get(k, default[k])!r} (run) vs {v!r} (now)" for k, v in wanted.items() if ran.get(k, default[k]) != v]
+    diffs = [f"{k}: {ran_setting(ran, default, k)!r} (run) vs {v!r} (now)" for k, v in wanted.items() if ran_setting(ran, default, k) != v]
     if diffs:
         raise ValueError(f"{out} was started with another recipe ({'; '.join(diffs)}); resume it with the same settings")
 
