@@ -45,17 +45,16 @@ def compare(new: dict[str, str], shipped: dict[str, str]) -> list[str]:
     return problems
 
 
-def _differences(ran: dict, default: dict, prefix: str = "") -> list[str]:
+def _differences(ran: dict, default: dict) -> list[str]:
     """Dotted names of the settings where a run's recipe differs from the default one (a setting
-    newer than the run's code is not in its report: it ran as that setting's default)."""
-    names = []
-    for key in sorted(set(ran)):
-        a, b = ran[key], default.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            names += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            names.append(f"{prefix}{key}={a!r} (default {b!r})")
-    return names
+    newer than the run's code is not in its report: it ran as that setting's default, or as its
+    ``BEFORE_SETTING`` value where the default has changed since; ``ran_setting``)."""
+    from tinygptv.recipes.micro import ran_setting
+    from tinygptv.train import flatten_dotted as flat
+
+    ran, default = flat(json.loads(json.dumps(ran))), flat(json.loads(json.dumps(default)))
+    return [f"{key}={ran_setting(ran, default, key)!r} (default {value!r})"
+            for key, value in sorted(default.items()) if ran_setting(ran, default, key) != value]
 
 
 def main(argv: list[str] | None = None) -> int:

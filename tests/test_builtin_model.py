@@ -69,3 +69,6 @@ def test_build_script_installs_only_a_run_of_the_default_recipe(tmp_path, capsys
     assert script.main(["--from-run", str(tmp_path), "--install"]) == 1
     assert "vision.fresh_images=True (default False)" in capsys.readouterr().err
     assert script._differences(MicroRecipe().to_dict(), MicroRecipe().to_dict()) == []
+    old = MicroRecipe().to_dict()
+    del old["lm_seed"]  # a run from before lm_seed: it drew its LM with the seed, not the default's 3
+    assert script._differences(old, MicroRecipe().to_dict()) == ["lm_seed=None (default 3)"]
