@@ -97,26 +97,27 @@ def test_stage_configs_take_the_stem_from_the_base_not_the_recipe_flag(tmp_path)
 
 
 @pytest.mark.parametrize("patch", [8, 4])  # the last convolution's kernel: 2x2, and 1x1
-def test_stem_computes_channels_last_as_the_plain_layers_do(patch):
-    # the stem runs its convolutions in channels-last (faster on oneDNN); the values and gradients
-    # are the default layout's up to rounding, and the parameters and their gradients keep the
-    # default layout's strides (DDP's gradient buckets expect them)
+def test_channels_last_variant_of_the_stem_benchmark_matches_the_stem(patch):
+    # benchmarks/bench_conv_stem.py times the stem in channels-last: the same values and gradients
+    # up to rounding, computed in that layout, with gradients in the parameters' own strides
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_conv_stem")
     torch.manual_seed(0)
     stem = ConvStem((8, 16), 32, patch)
     layouts = []
-    stem.layers[1].register_forward_hook(lambda m, args, out: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    pixels = random_pixels(2, 32, seed=3).requires_grad_(True)
-    out = stem(pixels)
-    assert layouts == [True]  # the first convolution's output, as the GroupNorm after it gets it
-    reference = torch.nn.Sequential(*stem.layers, stem.proj)(pixels.detach())
-    assert layouts == [True, False]
+    channels_last = torch.channels_last
+    stem.layers[1].register_forward_hook(lambda m, args, out: layouts.append(args[0].is_contiguous(memory_format=channels_last)))
+    pixels = random_pixels(2, 32, seed=3)
+    out = bench.channels_last_forward(stem)(pixels)
+    reference = stem(pixels)
+    assert layouts == [True, False]  # what the GroupNorm after the first convolution got
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     out.square().mean().backward()
     grads = {n: p.grad.clone() for n, p in stem.named_parameters()}
     for name, param in stem.named_parameters():
-        assert param.grad.stride() == param.stride(), name
+        assert grads[name].stride() == param.stride(), name
     stem.zero_grad()
     reference.square().mean().backward()
     for name, param in stem.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
-    assert pixels.grad is not None and pixels.grad.shape == pixels.shape

@@ -59,32 +59,7 @@ class ConvStem(torch.nn.Module):
         return self.proj.weight
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # Channels-last: oneDNN's CPU convolutions run faster on it (the micro ViT's training step
-        # ~15 % faster, benchmarks/bench_conv_stem.py). The parameters stay in the default layout
-        # (safetensors and optimizers see plain tensors); only the computation uses the other one.
-        x = pixel_values.contiguous(memory_format=torch.channels_last)
-        for layer in self.layers:
-            x = _conv_channels_last(layer, x) if isinstance(layer, torch.nn.Conv2d) else layer(x)
-        return _conv_channels_last(self.proj, x)
-
-
-class _PlainStridedGrad(torch.autograd.Function):
-    """The identity, whose gradient comes back in the default layout's strides: a 1x1 kernel's
-    gradient from a channels-last convolution has strides its parameter does not, which DDP's
-    gradient buckets warn about and copy. The values are untouched."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
-        return weight.view_as(weight)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.clone(memory_format=torch.contiguous_format)
-
-
-def _conv_channels_last(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    weight = _PlainStridedGrad.apply(conv.weight).contiguous(memory_format=torch.channels_last)
-    return torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return self.proj(self.layers(pixel_values))
 
 
 class VisionEncoder(torch.nn.Module):
