@@ -8,7 +8,8 @@ WORLD is a shapes world (`tinygptv data make-shapes WORLD`, or the `world/` fold
 language model quantized to int8 and to int4 (the same greedy protocol as `tinygptv eval shapes`),
 and the script prints, per mode and task, the share of answers identical to fp32 (the target is
 >= 98 %), for box answers the share that name the same object (IoU >= 0.5 with fp32's box), and
-each mode's own accuracy. Add ``bf16`` to ``--modes`` to see how far the float precision alone moves
+each mode's own accuracy; a row ``all`` pools the tasks' questions (the gate read over the whole
+split rather than per task). Add ``bf16`` to ``--modes`` to see how far the float precision alone moves
 the answers, with no quantization. On a GPU (``--device cuda``) the quantized modes run through
 bitsandbytes (:mod:`tinygptv.quantize_bnb`).
 """
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     print(f"| mode | task | n | answers identical to {first} (%) | same box as {first} (IoU >= 0.5, %) | accuracy (%) |")
     print("|---|---|---|---|---|---|")
     for mode, summary in runs.items():
+        total = same_total = agree_total = 0
         for task in args.tasks:
             ids = [q for q in reference if q.split("/")[1] == task]
             same = sum(summary["predictions"][q] == reference[q] for q in ids)
@@ -74,6 +76,13 @@ def main(argv=None) -> int:
             n = max(len(ids), 1)
             box_cell = "-" if boxes is None else f"{100 * boxes / n:.1f}"
             print(f"| {mode} | {task} | {len(ids)} | {100 * same / n:.1f} | {box_cell} | {accuracy:.1f} |")
+            total, same_total = total + len(ids), same_total + same
+            agree_total += same if boxes is None else boxes  # the same answer: its text, or for a box its object
+        if len(args.tasks) > 1:
+            n = max(total, 1)
+            print(f"| {mode} | all | {total} | {100 * same_total / n:.1f} | {100 * agree_total / n:.1f} (*) | - |")
+    if len(args.tasks) > 1:
+        print("(*) all: identical text for answers that are not boxes, the same object for box answers")
     return 0
 
 

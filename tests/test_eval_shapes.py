@@ -164,3 +164,24 @@ def test_eval_shapes_command_prints_the_table_and_matches_the_python_api(world, 
     # with return_predictions: the same answers as predictions.jsonl, keyed by question id
     again = evaluate_shapes(model, world, tasks=("vqa", "refer", "identify"), limit=1, return_predictions=True)
     assert again["predictions"] == {line["question_id"]: line["answer"] for line in lines}
+
+
+def test_agreement_benchmark_pools_the_tasks_into_an_all_row(world, model_dir, capsys):
+    # benchmarks/bench_quantize_agreement.py end to end on a tiny model: per task rows, then one row
+    # over every question of the split whose share is the tasks' shares weighted by their counts
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_quantize_agreement")
+    args = ["--data", str(world), "--model", str(model_dir), "--limit", "3", "--threads", "1", "--modes", "fp32", "int8"]
+    assert bench.main([*args, "--tasks", "vqa", "refer", "identify"]) == 0
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| int8 |")]
+    cells = {row[1].strip(): [c.strip() for c in row[2:]] for row in rows}
+    assert set(cells) == {"vqa", "refer", "identify", "all"}
+    counts = {task: int(cells[task][0]) for task in ("vqa", "refer", "identify")}
+    assert int(cells["all"][0]) == sum(counts.values()) > 0
+    pooled = sum(float(cells[task][1]) * n for task, n in counts.items()) / sum(counts.values())
+    assert float(cells["all"][1]) == pytest.approx(pooled, abs=0.1)
+    # the same model against itself agrees everywhere, on the pooled row too
+    assert bench.main([*args[:-1], "--tasks", "vqa", "identify"]) == 0
+    pooled_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fp32 | all |")]
+    assert len(pooled_rows) == 1 and "| 100.0 | 100.0 (*) |" in pooled_rows[0]  # one run per mode
