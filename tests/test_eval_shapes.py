@@ -185,3 +185,17 @@ def test_agreement_benchmark_pools_the_tasks_into_an_all_row(world, model_dir, c
     assert bench.main([*args[:-1], "--tasks", "vqa", "identify"]) == 0
     pooled_rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fp32 | all |")]
     assert len(pooled_rows) == 1 and "| 100.0 | 100.0 (*) |" in pooled_rows[0]  # one run per mode
+
+
+def test_activation_range_probe_reports_every_linear_of_the_language_model(world, model_dir, capsys):
+    from conftest import load_benchmark
+
+    probe = load_benchmark("probe_activation_ranges")
+    assert probe.main(["--data", str(world), "--model", str(model_dir), "--limit", "2", "--tasks", "vqa", "refer"]) == 0
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| lm_head") or line.startswith("| model.")]
+    lm = TinyGPTV.from_pretrained(model_dir).lm
+    linears = {name for name, module in lm.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert {row[0].strip() for row in rows} == linears
+    for row in rows:
+        ratio, largest, per_token = float(row[1]), [float(v) for v in row[2].split(",")], float(row[3])
+        assert ratio >= 1.0 and per_token >= 1.0 and largest == sorted(largest, reverse=True)
