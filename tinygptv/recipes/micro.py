@@ -76,7 +76,9 @@ class MicroRecipe:
     final loss: LM seed 0 (the builds before session 24) 90.3 / 93.8 / 82.8 %, 0.151; 1: 89.4 / 59.1
     / 84.9, 0.226; 2: 86.5 / 34.3 / 57.5, 0.279; 3: 95.4 / 88.6 / 85.5, 0.151. The whole model on LM
     seed 3 against seed 0, whole test | compositional splits: 93.2 / 86.2 / 81.5 | 90.0 / 83.3 /
-    65.3 % against 90.1 / 84.5 / 81.4 | 85.5 / 80.1 / 60.9 (docs/micro-recipe.md)."""
+    65.3 % against 90.1 / 84.5 / 81.4 | 85.5 / 80.1 / 60.9. Later draws, not taken: 4 (89.0 / 84.7 /
+    89.2 alone; its whole model 88.8 / 70.6 / 85.8 | 80.8 / 61.8 / 46.0), 5-8 (none with seed 3's
+    colour questions; docs/micro-recipe.md)."""
     threads: int = 1
     """Torch threads per process (a fixed count: results are bitwise repeatable only for the same
     count). One: these matrices are too small for a second thread to pay; on the 2-core machine
