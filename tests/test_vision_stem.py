@@ -1,5 +1,7 @@
 """The optional convolutional stem of a ViT trained from scratch (the micro recipe's ``conv_stem``)."""
 
+import json
+
 import pytest
 import torch
 
@@ -97,19 +99,18 @@ def test_stage_configs_take_the_stem_from_the_base_not_the_recipe_flag(tmp_path)
 
 
 @pytest.mark.parametrize("patch", [8, 4])  # the last convolution's kernel: 2x2, and 1x1
-def test_channels_last_variant_of_the_stem_benchmark_matches_the_stem(patch):
-    # benchmarks/bench_conv_stem.py times the stem in channels-last: the same values and gradients
-    # up to rounding, computed in that layout, with gradients in the parameters' own strides
-    from conftest import load_benchmark
-
-    bench = load_benchmark("bench_conv_stem")
+def test_channels_last_stem_matches_the_default_layout(patch):
+    # the stem computes in channels-last (faster on oneDNN): the same values and gradients as the
+    # default layout up to rounding, with gradients in the parameters' own strides (DDP's buckets)
     torch.manual_seed(0)
     stem = ConvStem((8, 16), 32, patch)
+    assert stem.channels_last
     layouts = []
     channels_last = torch.channels_last
     stem.layers[1].register_forward_hook(lambda m, args, out: layouts.append(args[0].is_contiguous(memory_format=channels_last)))
     pixels = random_pixels(2, 32, seed=3)
-    out = bench.channels_last_forward(stem)(pixels)
+    out = stem(pixels)
+    stem.channels_last = False
     reference = stem(pixels)
     assert layouts == [True, False]  # what the GroupNorm after the first convolution got
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
@@ -121,3 +122,12 @@ def test_channels_last_variant_of_the_stem_benchmark_matches_the_stem(patch):
     reference.square().mean().backward()
     for name, param in stem.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_stem_benchmark_runs_both_layouts(capsys):
+    from conftest import load_benchmark
+
+    load_benchmark("bench_conv_stem").main(["--rounds", "1", "--batch", "1", "--image-size", "32"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["medians"]) >= {"default_train_s", "channels_last_train_s", "train_speedup"}
+    assert result["max_abs_difference"] < 1e-4

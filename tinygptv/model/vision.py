@@ -30,14 +30,34 @@ def hf_vision_config(cfg: VisionConfig, initializer_range: float = 0.02) -> Blip
     )
 
 
+class _PlainStridedGrad(torch.autograd.Function):
+    """The identity, whose gradient comes back in the default layout's strides: a channels-last
+    convolution returns a 1x1 kernel's weight gradient in other strides, which DDP's gradient
+    buckets would copy (with a warning) on every step."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.clone(memory_format=torch.contiguous_format)
+
+
 class ConvStem(torch.nn.Module):
     """A hybrid ViT's patch embedding: stride-2 3x3 convolutions (GroupNorm with one group, GELU),
     then a convolution of kernel and stride ``patch / 2**len(channels)`` to the ViT's width, so the
     token grid is the plain patch embedding's. GroupNorm, not BatchNorm: no running statistics,
-    and an image's tokens do not depend on the rest of its batch."""
+    and an image's tokens do not depend on the rest of its batch.
 
-    def __init__(self, channels: tuple[int, ...], width: int, patch_size: int):
+    The convolutions run in channels-last memory (``channels_last``, on by default; the parameters
+    stay plain tensors and get their gradients in their own strides): oneDNN's CPU kernels are
+    faster so, a training step of the micro ViT 1.29x and a forward 1.18x
+    (``benchmarks/bench_conv_stem.py``), with the same values up to rounding (~5e-6)."""
+
+    def __init__(self, channels: tuple[int, ...], width: int, patch_size: int, channels_last: bool = True):
         super().__init__()
+        self.channels_last = channels_last
         stride = 2 ** len(channels)
         if not channels or patch_size % stride:
             raise ValueError(f"conv_stem {channels}: patch_size {patch_size} is not divisible by 2**{len(channels)}")
@@ -59,7 +79,17 @@ class ConvStem(torch.nn.Module):
         return self.proj.weight
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.layers(pixel_values))
+        if not self.channels_last:
+            return self.proj(self.layers(pixel_values))
+        x = pixel_values.contiguous(memory_format=torch.channels_last)
+        for layer in self.layers:
+            x = self._conv_channels_last(layer, x) if isinstance(layer, torch.nn.Conv2d) else layer(x)
+        return self._conv_channels_last(self.proj, x)
+
+    @staticmethod
+    def _conv_channels_last(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        weight = _PlainStridedGrad.apply(conv.weight).contiguous(memory_format=torch.channels_last)
+        return torch.nn.functional.conv2d(x, weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class VisionEncoder(torch.nn.Module):

@@ -75,8 +75,8 @@ class MicroRecipe:
     on 300 validation images (``benchmarks/probe_micro_lm.py``), VQA / ``[refer]`` / ``[identify]``,
     final loss: LM seed 0 (the builds before session 24) 90.3 / 93.8 / 82.8 %, 0.151; 1: 89.4 / 59.1
     / 84.9, 0.226; 2: 86.5 / 34.3 / 57.5, 0.279; 3: 95.4 / 88.6 / 85.5, 0.151. The whole model on LM
-    seed 3 against seed 0, whole test | compositional splits: 93.2 / 86.2 / 81.5 | 90.0 / 83.3 /
-    65.3 % against 90.1 / 84.5 / 81.4 | 85.5 / 80.1 / 60.9. Later draws, not taken: 4 (89.0 / 84.7 /
+    seed 3 against seed 0 (3,000 vision steps), whole test | compositional splits: 93.2 / 86.2 /
+    81.5 | 90.0 / 83.3 / 65.3 % against 90.1 / 84.5 / 81.4 | 85.5 / 80.1 / 60.9. Later draws, not taken: 4 (89.0 / 84.7 /
     89.2 alone; its whole model 88.8 / 70.6 / 85.8 | 80.8 / 61.8 / 46.0), 5-8 (none with seed 3's
     colour questions; docs/micro-recipe.md)."""
     threads: int = 1
@@ -142,7 +142,7 @@ class MicroRecipe:
     four draws; docs/micro-recipe.md)."""
     vision: PretrainSettings = field(
         default_factory=lambda: PretrainSettings(
-            steps=3000,
+            steps=4000,
             batch_size=32,
             lr=4e-3,
             min_lr=1e-4,
@@ -154,14 +154,17 @@ class MicroRecipe:
             pretrained_projections=True,
         )
     )
-    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 3,000
+    """Vision encoder + Q-Former pretraining (the Q-Former writes the scenes the LM read). 4,000
     steps: its final loss falls with every lengthening (700 steps: 6.97 at the end, in a run with
     soft coordinate targets; 1,000: 4.73; 1,500: 4.19; 2,000: 4.00; 3,000: ~3.2, against the
-    2,000-step LM), and so does the whole model's [refer] error (after stage 4, first 200 per task,
-    test VQA / refer / identify: 700 steps 80.0 / 28.5 / 30.5 %, 1,000 82.5 / 34.5 / 37.5, 1,500
-    85.5 / 45.0 / 40.5, 2,000 87.5 / 53.5 / 39.5, the last two with the stage settings of session
-    15; with today's LM and stage 4, whole test split, 2,000 steps 88.3 / 61.7 / 58.0, 3,000 89.3 /
-    65.6 / 58.8). Each 500 steps cost ~350-400 s on two cores."""
+    2,000-step LM; 3,000 -> 4,000 on LM seed 3: 3.14 -> 3.09), and so does the whole model's error
+    (after stage 4, first 200 per task, test VQA / refer / identify: 700 steps 80.0 / 28.5 / 30.5 %,
+    1,000 82.5 / 34.5 / 37.5, 1,500 85.5 / 45.0 / 40.5, 2,000 87.5 / 53.5 / 39.5, the last two with
+    the stage settings of session 15; with session 18's LM and stage 4, whole test split, 2,000
+    steps 88.3 / 61.7 / 58.0, 3,000 89.3 / 65.6 / 58.8; on LM seed 3, whole test | compositional
+    splits, 3,000 steps 93.2 / 86.2 / 81.5 | 90.0 / 83.3 / 65.3, 4,000 92.9 / 86.1 / 83.6 | 90.4 /
+    82.8 / 68.1, session 26). Each 500 steps cost ~300-450 s on two cores (the stem in
+    channels-last since session 26, :class:`~tinygptv.model.vision.ConvStem`)."""
     calibrated_norms: bool = True
     """Start TinyGPT-V's added norms (QK LayerNorms, post-attention RMSNorms) as close to the identity
     as each can be on the pretrained micro LM's own activations (:func:`calibrate_added_norms`, on
