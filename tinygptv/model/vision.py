@@ -52,8 +52,8 @@ class ConvStem(torch.nn.Module):
 
     The convolutions run in channels-last memory (``channels_last``, on by default; the parameters
     stay plain tensors and get their gradients in their own strides): oneDNN's CPU kernels are
-    faster so, a training step of the micro ViT 1.29x and a forward 1.18x
-    (``benchmarks/bench_conv_stem.py``), with the same values up to rounding (~5e-6)."""
+    faster so, a training step of the micro ViT 1.12-1.29x and a forward 1.13-1.18x
+    (``benchmarks/bench_conv_stem.py``, two sessions), with the same values up to rounding (~5e-6)."""
 
     def __init__(self, channels: tuple[int, ...], width: int, patch_size: int, channels_last: bool = True):
         super().__init__()
