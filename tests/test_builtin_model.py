@@ -62,12 +62,12 @@ def test_build_script_installs_only_a_run_of_the_default_recipe(tmp_path, capsys
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     recipe = MicroRecipe()
-    recipe.vision = dataclasses.replace(recipe.vision, fresh_images=True)
+    recipe.vision = dataclasses.replace(recipe.vision, set_matching=True)
     record = recipe.to_dict()
     del record["lm"]["set_matching"]  # a setting newer than the run's code: it ran as its default
     (tmp_path / "report.json").write_text(json.dumps({"recipe": record}))
     assert script.main(["--from-run", str(tmp_path), "--install"]) == 1
-    assert "vision.fresh_images=True (default False)" in capsys.readouterr().err
+    assert "vision.set_matching=True (default False)" in capsys.readouterr().err
     assert script._differences(MicroRecipe().to_dict(), MicroRecipe().to_dict()) == []
     old = MicroRecipe().to_dict()
     del old["lm_seed"]  # a run from before lm_seed: it drew its LM with the seed, not the default's 3

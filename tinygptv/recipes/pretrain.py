@@ -102,7 +102,9 @@ class PretrainSettings:
     fresh_images: bool = False
     """Vision only: every step's images are new scenes drawn by the world's generator (the training
     split's rules: no held-out colour-shape pair) and rendered on the fly, as drills are for the
-    language model, instead of the training split's few thousand images seen again and again."""
+    language model, instead of the training split's few thousand images seen again and again. On in
+    the micro recipe since session 27, where 4,000 steps on the same 4,800 images had overfitted
+    them (object tokens right on 99.5 % of training images' objects, 93.9 % of test images')."""
     attention_weight: float = 0.0
     """Vision only: weight of a loss on where the Q-Former looks: in its first cross-attention layer
     (heads averaged), the queries that write object ``k``'s tokens should spread their attention over
