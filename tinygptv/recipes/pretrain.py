@@ -1209,7 +1209,6 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
 
     cfg = model.config.vision
     grid = cfg.image_size // cfg.patch_size
-    bank = ImageBank(root, "train")
     held_out = []  # the pairs fresh images must not show
     if settings.fresh_images:
         held_out = [tuple(pair) for pair in json.loads((Path(root) / "shapes.json").read_text())["held_out_pairs"]]
@@ -1232,7 +1231,6 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
     if settings.attention_weight:
         model.qformer.model.set_attn_implementation("eager")  # the one that returns attention weights
     init_sincos_positions(model.vision)
-    targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
     identity = list(range(SCENE_OBJECTS))
     objects, positions = settings.object_tokens, settings.object_positions
 
@@ -1240,7 +1238,13 @@ def pretrain_vision(model, root: str | Path, settings: PretrainSettings, seed: i
         rows = [scene_tokens(reading_order(s), tokenizer, identity, objects, positions) for s in scenes]
         return scene_table_ids(torch.tensor(rows), vocab)
 
-    ids = scene_ids(bank.scenes)
+    if settings.fresh_images:  # the training split is never read: no bank, no targets of its images
+        bank = targets = None
+        ids = scene_ids(fresh_scenes(seed, [0], held_out)[0])
+    else:
+        bank = ImageBank(root, "train")
+        targets = [DenseTargets(scene, grid, cfg.patch_size) for scene in bank.scenes]
+        ids = scene_ids(bank.scenes)
     if ids.shape[1] != model.num_image_tokens:
         raise ValueError(f"a scene is {ids.shape[1]} tokens but the Q-Former has {model.num_image_tokens} queries")
     model.requires_grad_(False)
