@@ -34,7 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import PreTrainedTokenizerFast
 
     from tinygptv.model.language import build_language_model
-    from tinygptv.recipes.micro import MicroRecipe, assemble_base, calibration_rows, plain_language_config, world_held_out
+    from tinygptv.recipes.micro import (
+        MicroRecipe,
+        assemble_base,
+        calibration_rows,
+        plain_language_config,
+        pretrained_lm_file,
+        world_held_out,
+    )
     from tinygptv.recipes.pretrain import PretrainSettings, drill_rows, embed_scene_ids, object_parts
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe.lm = PretrainSettings(**{k: v for k, v in ran["lm"].items() if k in known})
         recipe.seed = ran.get("seed", recipe.seed)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.run / "tokenizer")
-    lm_state = load_file(str(args.run / "lm" / "model.safetensors"))
+    lm_state = load_file(str(pretrained_lm_file(args.run)))
     vision_state = load_file(str(args.run / "vision" / "model.safetensors"))
     world = args.run / "world"
     unseen = range(UNSEEN_DRILLS, UNSEEN_DRILLS + args.drills)

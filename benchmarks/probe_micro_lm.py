@@ -1,9 +1,10 @@
 """The micro recipe's language model alone, reading each image's TRUE scene tokens.
 
-    python benchmarks/probe_micro_lm.py RUN_DIR [--images 100] [--split test] [--jitter J]
+    python benchmarks/probe_micro_lm.py RUN_DIR [--images 100] [--split test] [--jitter J] [--before-anneal]
 
-``RUN_DIR`` is a ``tinygptv recipe micro --out`` folder (its ``world/``, ``tokenizer/`` and
-``lm/``). Each image of the split is written as its 32 scene tokens, objects in reading order (as
+``RUN_DIR`` is a ``tinygptv recipe micro --out`` folder (its ``world/``, ``tokenizer/`` and the LM
+the stages start from: ``lm_anneal/``, or ``lm/`` in runs without that phase or with
+``--before-anneal``). Each image of the split is written as its 32 scene tokens, objects in reading order (as
 the Q-Former learns to write them), and the pretrained LM answers the world's ``[vqa]`` questions
 and each referable object's ``[refer]`` / ``[identify]`` question, one question per prompt in the
 stage-4 template, greedily; answers are scored as the benchmark scores them (exact answer, IoU >
@@ -94,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     from tinygptv.data.encoding import IMAGE_TOKEN_ID, encode_chunks
     from tinygptv.data.templates import template_for_stage
     from tinygptv.model.language import build_language_model
-    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.micro import plain_language_config, pretrained_lm_file
     from tinygptv.recipes.pretrain import SCENE_OBJECTS, embed_scene_ids, object_parts, reading_order, scene_tokens
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a micro recipe run folder")
     parser.add_argument("--images", type=int, default=100, help="first N images of the split")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--before-anneal", action="store_true", help="read lm/, the LM before its anneal phase")
     parser.add_argument(
         "--jitter",
         type=float,
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.run / "tokenizer")
-    state = load_file(str(args.run / "lm" / "model.safetensors"))
+    state = load_file(str(args.run / "lm" / "model.safetensors" if args.before_anneal else pretrained_lm_file(args.run)))
     base = args.run / "base" / "config.json"  # the architecture the run built (else today's preset)
     model_config = TinyGPTVConfig.from_dict(json.loads(base.read_text())["config"]) if base.is_file() else get_preset("tinygptv-micro")
     config = plain_language_config(model_config)

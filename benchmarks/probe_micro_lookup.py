@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinygptv.data.instructions import instruction
     from tinygptv.data.templates import template_for_stage
     from tinygptv.model.language import build_language_model
-    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.micro import plain_language_config, pretrained_lm_file
     from tinygptv.recipes.pretrain import (
         GROUP,
         SCENE_OBJECTS,
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.run / "base" / "config.json"
     model_config = TinyGPTVConfig.from_dict(json.loads(base.read_text())["config"]) if base.is_file() else get_preset("tinygptv-micro")
     lm = build_language_model(plain_language_config(model_config), 0.02)
-    lm.load_state_dict(load_file(str(args.run / "lm" / "model.safetensors")))
+    lm.load_state_dict(load_file(str(pretrained_lm_file(args.run))))
     lm.eval()
     lm.set_attn_implementation("eager")  # attention weights
     report = args.run / "report.json"

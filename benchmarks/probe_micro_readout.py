@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from tinygptv.data.templates import template_for_stage
     from tinygptv.model.language import build_language_model
     from tinygptv.model.tinygptv import TinyGPTV
-    from tinygptv.recipes.micro import plain_language_config
+    from tinygptv.recipes.micro import plain_language_config, pretrained_lm_file
     from tinygptv.recipes.pretrain import (
         SCENE_OBJECTS,
         ImageBank,
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     objects, positions = settings.get("object_tokens", False), settings.get("object_positions", False)
     config = TinyGPTVConfig.from_dict(json.loads((args.run / "base" / "config.json").read_text())["config"])
     lm = build_language_model(plain_language_config(config), 0.02)
-    lm.load_state_dict(load_file(str(args.run / "lm" / "model.safetensors")))
+    lm.load_state_dict(load_file(str(pretrained_lm_file(args.run))))
     lm.eval()
     weight = lm.get_input_embeddings().weight.detach()
     vocab = weight.shape[0]

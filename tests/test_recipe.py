@@ -13,7 +13,7 @@ import torch
 
 from conftest import load_benchmark
 from tinygptv.data.shapes import CANONICAL_SIZE, Scene, ShapeObject
-from tinygptv.recipes.micro import ABLATIONS, MicroRecipe, format_ablation, run_ablation, run_micro_recipe
+from tinygptv.recipes.micro import ABLATIONS, LMAnneal, MicroRecipe, format_ablation, run_ablation, run_micro_recipe
 from tinygptv.recipes.pretrain import (
     PATCH_LABELS,
     SCENE_LENGTH,
@@ -35,6 +35,7 @@ def toy_recipe(**kwargs) -> MicroRecipe:
         lm_documents=200,
         lm=PretrainSettings(steps=3, batch_size=4, seq_len=128),
         vision=PretrainSettings(steps=3, batch_size=4, warmup_steps=1),
+        lm_anneal=LMAnneal(steps=2, warmup_steps=1),
         eval_limit=4,
         eval_batch_size=4,
         threads=1,
@@ -110,7 +111,7 @@ def test_toy_recipe_runs_every_phase_and_its_model_answers(toy_run):
     from tinygptv import TinyGPTV
 
     out, report = toy_run
-    for phase in ("world", "tokenizer", "language model", "vision", "base", "package"):
+    for phase in ("world", "tokenizer", "language model", "vision", "language model anneal", "base", "package"):
         assert phase in report["phases"]
     assert set(report["accuracy"]) == {"1", "2", "3", "4"}
     for table in report["accuracy"].values():
@@ -659,7 +660,7 @@ def test_reuse_takes_the_phases_whose_settings_match_and_reruns_the_rest(toy_run
     same = run_micro_recipe(tmp_path / "same", toy_recipe(), stage_overrides=TOY_STAGES, evaluate_stages=False,
                             log=logged.append, reuse=done)  # fmt: skip
     assert started(logged) == ["stage 1", "stage 2", "stage 3", "stage 4", "package"]
-    assert all(same["phases"][p]["reused_from"] == str(done) for p in ("world", "tokenizer", "language model", "vision", "base"))
+    assert all(same["phases"][p]["reused_from"] == str(done) for p in ("world", "tokenizer", "language model", "vision", "language model anneal", "base"))
     assert same["pretrain_loss"] == json.loads((done / "report.json").read_text())["pretrain_loss"]
 
     def hashes(folder):
@@ -673,7 +674,7 @@ def test_reuse_takes_the_phases_whose_settings_match_and_reruns_the_rest(toy_run
     logged = []
     other = run_micro_recipe(tmp_path / "vision", recipe, stage_overrides=TOY_STAGES, evaluate_stages=False,
                              log=logged.append, reuse=done)  # fmt: skip
-    assert started(logged) == ["vision", "base", "stage 1", "stage 2", "stage 3", "stage 4", "package"]
+    assert started(logged) == ["vision", "language model anneal", "base", "stage 1", "stage 2", "stage 3", "stage 4", "package"]
     assert "reused_from" in other["phases"]["language model"] and "reused_from" not in other["phases"]["vision"]
     assert hashes(tmp_path / "vision" / "lm") == hashes(done / "lm")
     assert hashes(tmp_path / "vision" / "vision") != hashes(done / "vision")
@@ -1176,7 +1177,7 @@ def test_readout_fit_is_the_least_squares_map_from_queries_to_scene_rows(toy_run
         refit, toy_recipe(readout_images=40), stage_overrides=TOY_STAGES, evaluate_stages=False, log=lambda m: None, reuse=out
     )
     taken = [name for name, phase in report["phases"].items() if phase.get("reused_from")]
-    assert taken == ["world", "tokenizer", "language model", "vision"]
+    assert taken == ["world", "tokenizer", "language model", "vision", "language model anneal"]
     assert 0 < report["readout_error"] < 1
     before = TinyGPTV.from_pretrained(out / "base").state_dict()
     after = TinyGPTV.from_pretrained(refit / "base").state_dict()
@@ -1246,3 +1247,36 @@ def test_language_model_probe_jitter_moves_only_the_scene_boxes(toy_run, capsys)
     plain, moved = results
     assert moved["jitter"] == 30.0 and plain["jitter"] == 0.0
     assert all(moved[t]["n"] == plain[t]["n"] for t in ("vqa", "refer", "identify"))  # the same questions
+
+
+def test_lm_anneal_trains_all_but_the_embeddings_and_reuse_keeps_the_vision_phase(toy_run, tmp_path):
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from tinygptv.recipes.micro import pretrained_lm_file
+
+    out, report = toy_run
+    plain, annealed = load_file(str(out / "lm" / "model.safetensors")), load_file(str(out / "lm_anneal" / "model.safetensors"))
+    assert pretrained_lm_file(out) == out / "lm_anneal" / "model.safetensors"
+    embeddings = "model.embed_tokens.weight"
+    assert torch.equal(plain[embeddings], annealed[embeddings])  # what the Q-Former writes into
+    moved = [k for k in plain if k != embeddings and not torch.equal(plain[k], annealed[k])]
+    assert "lm_head.weight" in moved and any(".mlp." in k for k in moved)
+    assert "language model anneal" in report["pretrain_loss"]
+    base = load_file(str(out / "base" / "model.safetensors"))  # the stages start from the annealed LM
+    head = [k for k in base if k.endswith("lm_head.weight")]
+    assert len(head) == 1 and torch.equal(base[head[0]], annealed["lm_head.weight"])
+
+    # another anneal: world, tokenizer, LM and vision are taken; the anneal and everything after run
+    recipe = toy_recipe()
+    recipe.lm_anneal = dataclasses.replace(recipe.lm_anneal, steps=0)
+    logged: list[str] = []
+    other = run_micro_recipe(tmp_path / "none", recipe, stage_overrides=TOY_STAGES, evaluate_stages=False,
+                             log=logged.append, reuse=out)  # fmt: skip
+    started = [m.split(" (")[0][3:] for m in logged if m.startswith("== ") and " done in " not in m]
+    assert started[:2] == ["language model anneal", "base"]
+    assert all("reused_from" in other["phases"][p] for p in ("world", "tokenizer", "language model", "vision"))
+    unannealed = load_file(str(tmp_path / "none" / "lm_anneal" / "model.safetensors"))
+    assert all(torch.equal(unannealed[k], plain[k]) for k in plain)  # 0 steps: the LM as it was
+    assert "language model anneal" not in other["pretrain_loss"]
