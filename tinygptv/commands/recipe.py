@@ -10,7 +10,8 @@ def register(subparsers) -> None:
         "recipe",
         help="run a whole training recipe (micro: the built-in model, from nothing, on the CPU)",
         description="Run every phase of a recipe into --out. micro: make the shapes world, train its "
-        "tokenizer, pretrain the tiny language model and the tiny vision encoder + Q-Former, then the "
+        "tokenizer, pretrain the tiny language model and the tiny vision encoder + Q-Former, anneal the "
+        "language model (its embeddings frozen), then the "
         "four TinyGPT-V stages (configs/micro/stage{1..4}.yaml) with an evaluation after each; the "
         "finished model is --out/model (LoRA merged). Times, losses and accuracies go to "
         "--out/report.json and --out/report.md. The same --seed gives the same weights on the same "
