@@ -1280,3 +1280,22 @@ def test_lm_anneal_trains_all_but_the_embeddings_and_reuse_keeps_the_vision_phas
     unannealed = load_file(str(tmp_path / "none" / "lm_anneal" / "model.safetensors"))
     assert all(torch.equal(unannealed[k], plain[k]) for k in plain)  # 0 steps: the LM as it was
     assert "language model anneal" not in other["pretrain_loss"]
+
+
+def test_stage_overrides_reach_their_own_stage_and_bad_ones_fail_before_any_phase(tmp_path):
+    from tinygptv.recipes.micro import default_configs_dir, stage_config, stage_overrides_for
+
+    overrides = ["epochs=1", "stage4.iters_per_epoch=3", "stage2.schedule.warmup_steps=2"]
+    assert stage_overrides_for(4, overrides) == ["epochs=1", "iters_per_epoch=3"]
+    assert stage_overrides_for(2, overrides) == ["epochs=1", "schedule.warmup_steps=2"]
+    assert stage_overrides_for(1, overrides) == ["epochs=1"]
+    with pytest.raises(ValueError, match="no stage 7"):
+        stage_overrides_for(1, ["stage7.epochs=1"])
+    configs, out = default_configs_dir(), tmp_path / "run"
+    configs_of = {n: stage_config(configs, n, out, out / "world", out / "base", MicroRecipe(), overrides) for n in (3, 4)}
+    assert configs_of[4].iters_per_epoch == 3
+    assert configs_of[3].iters_per_epoch == stage_config(configs, 3, out, out / "world", out / "base", MicroRecipe()).iters_per_epoch != 3
+    # a setting no stage config has stops the run before the world is made
+    with pytest.raises(ValueError, match="no_such_setting"):
+        run_micro_recipe(out, toy_recipe(), stage_overrides=[*TOY_STAGES, "stage4.no_such_setting=1"], log=lambda m: None)
+    assert not (out / "world").exists() and not (out / "report.json").exists()

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
     p.add_argument("--progress", action="store_true", help="progress bars during the stages")
     p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="settings applied to every stage config (e.g. epochs=1)"
+        "overrides", nargs="*", metavar="key=value",
+        help="settings of every stage config (e.g. epochs=1), or of one as stageN.key=value (stage4.iters_per_epoch=500)"
     )
     p.set_defaults(func=run)
     accept_late_overrides(p)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -641,9 +642,11 @@ def stage_config(
     model_overrides: dict[str, Any] | None = None,
 ):
     """``configs/micro/stage{number}.yaml`` with this recipe's paths and seed (and, for the
-    ablations, dotted overrides of the model preset)."""
+    ablations, dotted overrides of the model preset). ``overrides`` are ``key=value`` settings of
+    every stage, or of one stage as ``stageN.key=value`` (``stage4.iters_per_epoch=500``)."""
     from ..train_config import load_train_config
 
+    overrides = stage_overrides_for(number, overrides)
     path = configs_dir / f"stage{number}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no stage config {path}: pass the configs/micro directory of a source checkout")
@@ -658,6 +661,22 @@ def stage_config(
     if model_overrides:
         config.model_overrides = {**config.model_overrides, **model_overrides}
     return config
+
+
+def stage_overrides_for(number: int, overrides: Sequence[str]) -> list[str]:
+    """The ``key=value`` overrides that apply to stage ``number``: those of every stage, and those
+    given as ``stage{number}.key=value`` with the prefix taken off."""
+    mine = []
+    for item in overrides:
+        match = re.match(r"stage(\d+)\.(.+)", item)
+        if not match:
+            mine.append(item)
+            continue
+        if int(match.group(1)) not in STAGE_NUMBERS:
+            raise ValueError(f"{item!r}: there is no stage {match.group(1)} (stages {STAGE_NUMBERS[0]}-{STAGE_NUMBERS[-1]})")
+        if int(match.group(1)) == number:
+            mine.append(match.group(2))
+    return mine
 
 
 def base_conv_stem(base: Path) -> tuple[int, ...]:
@@ -731,7 +750,7 @@ def run_micro_recipe(
     own, the finished model is the one an uninterrupted run writes.
 
     ``stage_overrides`` are ``key=value`` settings applied to every stage config (tests shorten the
-    stages this way); ``evaluate_stages=False`` skips the evaluations. With ``recipe.processes``
+    stages this way), or to one as ``stageN.key=value``; ``evaluate_stages=False`` skips the evaluations. With ``recipe.processes``
     above one, the phases run in that many processes started here (``log`` must then be picklable,
     e.g. ``print``); the first one writes every file and logs.
     """
@@ -743,6 +762,8 @@ def run_micro_recipe(
             )
     out = Path(out)
     configs_dir = Path(configs_dir) if configs_dir else default_configs_dir()
+    for number in STAGE_NUMBERS:  # a bad stage setting fails now, not after the pretraining phases
+        stage_config(configs_dir, number, out, out / "world", out / "base", recipe, stage_overrides)
     if reuse is not None:
         if resume:
             raise ValueError("--reuse starts a new run from an earlier one's phases; --resume continues a run: not both")
